@@ -1,8 +1,19 @@
 """monai_protoseg: what every layer of a MONAI segmentation network can segment (ProtoSeg, SA scores)."""
 
+from .handlers import SAScoreHandler
+from .metrics import SAScoreMetric
 from .protoseg import prototype_map, prototypes, sa_score
 from .recorder import FeatureRecorder, candidate_layers, resolve_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["prototypes", "prototype_map", "sa_score", "FeatureRecorder", "candidate_layers", "resolve_layers"]
+__all__ = [
+    "prototypes",
+    "prototype_map",
+    "sa_score",
+    "FeatureRecorder",
+    "candidate_layers",
+    "resolve_layers",
+    "SAScoreMetric",
+    "SAScoreHandler",
+]

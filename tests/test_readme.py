@@ -13,3 +13,4 @@ def test_readme_python_blocks_run(capsys):
         exec(compile(block, str(README), "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out
     assert printed.count(" SA ") == 5  # one line per candidate layer of the example UNet
+    assert "torch.Size([2, 2])" in printed and "torch.Size([2, 8])" in printed
