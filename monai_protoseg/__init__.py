@@ -1,6 +1,7 @@
 """monai_protoseg: what every layer of a MONAI segmentation network can segment (ProtoSeg, SA scores)."""
 
 from .handlers import SAScoreHandler
+from .inferers import ProtoSegInferer
 from .metrics import SAScoreMetric
 from .protoseg import prototype_map, prototypes, sa_score
 from .recorder import FeatureRecorder, candidate_layers, resolve_layers
@@ -16,4 +17,5 @@ __all__ = [
     "resolve_layers",
     "SAScoreMetric",
     "SAScoreHandler",
+    "ProtoSegInferer",
 ]

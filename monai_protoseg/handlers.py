@@ -7,12 +7,14 @@ from collections.abc import Callable, Sequence
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
+from monai.inferers import Inferer, SlidingWindowInferer
 from monai.networks import one_hot
 from monai.utils import CommonKeys
 from torch import nn
 
+from .inferers import ProtoSegInferer
 from .metrics import SAScoreMetric
-from .recorder import FeatureRecorder
+from .recorder import FeatureRecorder, resolve_layers
 
 __all__ = ["SAScoreHandler"]
 
@@ -25,7 +27,9 @@ class SAScoreHandler:
     Add it to a ``SupervisedEvaluator``'s handlers and nothing else changes. Hooks are registered when the evaluator
     starts and removed when it completes or raises, so a trainer sharing the network is untouched. Prototypes are
     guided by the network's soft output, recorded from the network itself (before any post-transform discretises
-    ``pred``). Classes are scored one-vs-rest.
+    ``pred``). Classes are scored one-vs-rest. When the evaluator's inferer is a ``SlidingWindowInferer`` it is
+    wrapped in a :class:`~monai_protoseg.ProtoSegInferer` while the evaluator runs, so prototypes and maps cover the
+    whole image, not one window; the original inferer is put back when the run completes or raises.
 
     Results, after each evaluator epoch: ``engine.state.metrics[f"{name}_{layer}"]`` (mean over classes),
     ``f"{name}_{layer}_{class}"`` per class when there are several, ``f"{name}_mean"`` over layers and classes,
@@ -82,6 +86,8 @@ class SAScoreHandler:
         self.metric = SAScoreMetric(self.layers, unit_wise=unit_wise, ignore_empty=ignore_empty)
         self.unit_scores: dict[str, torch.Tensor] = {}
         self._recorder: FeatureRecorder | None = None
+        self._inferer: ProtoSegInferer | None = None
+        self._original_inferer: Inferer | None = None
         self._class_indices: list[int] = []
 
     def attach(self, engine: Engine) -> None:
@@ -100,12 +106,18 @@ class SAScoreHandler:
         _add_first(engine, Events.EXCEPTION_RAISED, self.exception_raised)
 
     def started(self, engine: Engine) -> None:
-        """Register the forward hooks on the network."""
+        """Register the forward hooks on the network, or wrap the engine's sliding-window inferer."""
         network = self.network if self.network is not None else getattr(engine, "network", None)
         if network is None:
             raise ValueError("SAScoreHandler needs a network: pass network=... or use an engine with .network.")
         self.completed(engine)
-        self._recorder = FeatureRecorder(network, [*self.layers, _OUTPUT]).__enter__()
+        inferer = getattr(engine, "inferer", None)
+        if isinstance(inferer, SlidingWindowInferer):
+            resolve_layers(network, self.layers)  # fail before the first window, naming the layer
+            self._original_inferer = inferer
+            engine.inferer = self._inferer = ProtoSegInferer(inferer, self.layers)
+        else:
+            self._recorder = FeatureRecorder(network, [*self.layers, _OUTPUT]).__enter__()
 
     def epoch_started(self, engine: Engine) -> None:
         """Start a new accumulation."""
@@ -113,9 +125,15 @@ class SAScoreHandler:
 
     def iteration_completed(self, engine: Engine) -> None:
         """Score the batch that just ran."""
-        if self._recorder is None:
+        if self._inferer is not None:
+            logits = self._inferer.prediction
+            features = self._inferer.features
+        elif self._recorder is not None:
+            logits = self._recorder[_OUTPUT]
+            features = {layer: self._recorder[layer] for layer in self.layers}
+        else:
             raise RuntimeError("SAScoreHandler: the engine started before the handler was attached.")
-        logits = self._recorder[_OUTPUT]
+        logits = logits.as_subclass(torch.Tensor)
         pred, label = (_batch(value) for value in self.output_transform(engine.state.output))
         if pred.shape[2:] != label.shape[2:]:
             raise ValueError(
@@ -125,8 +143,8 @@ class SAScoreHandler:
         if logits.shape[2:] != label.shape[2:]:
             raise ValueError(
                 f"the network's last forward output has spatial size {tuple(logits.shape[2:])}, the label "
-                f"{tuple(label.shape[2:])}: SAScoreHandler needs one forward pass over the whole image per "
-                f"iteration (sliding-window inference is not supported yet)."
+                f"{tuple(label.shape[2:])}: SAScoreHandler needs the prediction over the whole image (a "
+                f"SlidingWindowInferer is handled; another inferer that runs the network on parts is not)."
             )
         prob = self._probabilities(logits)
         classes = self._class_indices = self._classes(prob.shape[1])
@@ -140,7 +158,6 @@ class SAScoreHandler:
             if not isinstance(batch, dict) or self.mask_key not in batch:
                 raise KeyError(f"mask_key {self.mask_key!r} is not in the batch.")
             mask = _batch(batch[self.mask_key]).to(prob.device)
-        features = {layer: self._recorder[layer] for layer in self.layers}
         self.metric(prob[:, classes], target[:, classes], features=features, mask=mask)
 
     def epoch_completed(self, engine: Engine) -> None:
@@ -167,10 +184,13 @@ class SAScoreHandler:
             self.unit_scores = self.metric.unit_scores()
 
     def completed(self, engine: Engine) -> None:
-        """Remove the forward hooks."""
+        """Remove the forward hooks and put the engine's own inferer back."""
         if self._recorder is not None:
             self._recorder.remove_hooks()
             self._recorder = None
+        if self._inferer is not None:
+            engine.inferer = self._original_inferer
+            self._inferer = self._original_inferer = None
 
     def exception_raised(self, engine: Engine, error: Exception) -> None:
         """Remove the hooks; re-raise unless another exception handler follows (ignite's rule otherwise)."""
