@@ -193,7 +193,8 @@ def _resize_transpose(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor
     Linear interpolation is separable, so the transpose is one small ``(S_d, size_d)`` matrix per spatial axis,
     read off ``F.interpolate`` itself so that its weights are exactly the ones ``_resize`` uses.
     """
-    for axis, (n_out, n_in) in enumerate(zip(values.shape[2:], size), start=2):
+    axes = list(enumerate(zip(values.shape[2:], size), start=2))
+    for axis, (n_out, n_in) in reversed(axes):  # the last axis first: contiguous, and shrinks the rest
         if n_out == n_in:
             continue
         basis = torch.eye(n_in, dtype=values.dtype, device=values.device).unsqueeze(0)
@@ -246,13 +247,14 @@ def _prepare(
     if not torch.isfinite(features).all():
         raise ValueError("features contain NaN or Inf values.")
     prob = prob.as_subclass(torch.Tensor).to(dtype)
-    if not ((prob >= 0) & (prob <= 1)).all():
+    low, high = torch.aminmax(prob)  # NaN propagates and fails both comparisons
+    if not (low >= 0 and high <= 1):
         raise ValueError(
             f"prob must be a foreground probability in [0, 1] (apply sigmoid or softmax to logits first), "
-            f"got values in [{prob.min().item():.4g}, {prob.max().item():.4g}]."
+            f"got values in [{low.item():.4g}, {high.item():.4g}]."
         )
     for name, value in (("mask", mask), ("target", target)):
-        if value is not None and not ((value == 0) | (value == 1)).all():
+        if value is not None and value.dtype != torch.bool and not ((value == 0) | (value == 1)).all():
             raise ValueError(f"{name} must be binary (bool or 0/1 values), got other values.")
     if mask is not None:
         mask = mask.as_subclass(torch.Tensor).to(dtype)
