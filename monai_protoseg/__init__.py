@@ -4,7 +4,9 @@ from .handlers import SAScoreHandler
 from .inferers import ProtoSegInferer
 from .metrics import SAScoreMetric
 from .protoseg import prototype_map, prototypes, sa_score
+from .quality import QualityCalibration
 from .recorder import FeatureRecorder, candidate_layers, resolve_layers
+from .transforms import ForegroundProbability, ForegroundProbabilityd, ProtoSegd
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,8 @@ __all__ = [
     "SAScoreMetric",
     "SAScoreHandler",
     "ProtoSegInferer",
+    "ForegroundProbability",
+    "ForegroundProbabilityd",
+    "ProtoSegd",
+    "QualityCalibration",
 ]

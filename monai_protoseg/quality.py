@@ -1,0 +1,338 @@
+"""Quality calibration: turn the mean SA of a prediction (no ground truth needed) into an estimated Dice.
+
+Scored against the network's own binarised prediction and averaged over the last layers, SA correlates with the
+true Dice of the output. ``QualityCalibration`` fits a straight line ``Dice ~ slope * mean_sa + intercept`` on
+validation cases that do have ground truth, reports how good that fit is (Pearson r, in-sample and leave-one-out
+mean absolute error), predicts an estimated Dice clipped to [0, 1] for new cases, and saves to / loads from JSON.
+
+Pure numpy/torch and the standard library: no ignite, no MONAI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import atomic_write_text
+
+__all__ = ["QualityCalibration", "CALIBRATION_FORMAT", "CALIBRATION_VERSION", "MIN_CASES"]
+
+CALIBRATION_FORMAT = "monai_protoseg.QualityCalibration"
+"""The ``"format"`` field of a saved calibration."""
+
+CALIBRATION_VERSION = 1
+"""The ``"version"`` field written by ``QualityCalibration.save``; ``load`` reads this version and older."""
+
+MIN_CASES = 3
+"""Fewest valid (non-NaN) cases ``QualityCalibration.fit`` accepts: with 2 the line passes through both points and
+leave-one-out error is undefined."""
+
+_LOO_RECOMPUTE = 1e-6
+"""Leave-one-out fits whose remaining spread of mean SA is below this fraction of the total are refitted directly
+instead of by the downdating formula, which loses precision there."""
+
+ArrayLike = float | Sequence[float] | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class QualityCalibration:
+    """Linear calibration of true Dice on mean SA, fitted on validation cases with ground truth.
+
+    Build it with ``QualityCalibration.fit`` (or ``load`` / ``from_dict``), then ``predict`` an estimated Dice.
+
+    Attributes:
+        slope: slope of the least-squares line of true Dice on mean SA.
+        intercept: its intercept.
+        pearson_r: Pearson correlation of mean SA and true Dice over the fitted cases; NaN when true Dice is the
+            same in all of them.
+        mae: mean absolute error of the clipped fitted predictions against true Dice over the fitted cases
+            (in-sample, optimistic).
+        loo_mae: leave-one-out mean absolute error: each case predicted (and clipped) by the line fitted on all the
+            others; an honest estimate of the error on new cases. NaN when leaving out some case leaves cases
+            that all have the same mean SA (no line can be fitted to them).
+        n_cases: number of cases fitted (pairs with neither value NaN).
+        n_excluded: number of pairs excluded because mean SA or true Dice was NaN.
+
+    Example:
+        >>> calibration = QualityCalibration.fit([0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])
+        >>> round(calibration.slope, 6), round(calibration.intercept, 6), round(calibration.pearson_r, 6)
+        (1.0, 0.1, 1.0)
+        >>> calibration.predict(0.5), calibration.predict(0.95)  # clipped to [0, 1]
+        (0.6, 1.0)
+    """
+
+    slope: float
+    intercept: float
+    pearson_r: float
+    mae: float
+    loo_mae: float
+    n_cases: int
+    n_excluded: int = 0
+
+    @classmethod
+    def fit(cls, mean_sa: ArrayLike, true_dice: ArrayLike) -> QualityCalibration:
+        """Least-squares line of ``true_dice`` on ``mean_sa`` over the validation cases.
+
+        Pairs where either value is NaN (no prototype, empty reference) are left out and counted in
+        ``n_excluded``.
+
+        Args:
+            mean_sa: mean SA of each case against the network's own prediction, values in [0, 1] or NaN; a
+                sequence, or a 1-D numpy array or tensor.
+            true_dice: Dice of each case's prediction against its ground truth, same length, in [0, 1] or NaN.
+
+        Returns:
+            The fitted calibration.
+
+        Raises:
+            ValueError: the inputs are not 1-D numbers of equal length, contain Inf or values outside [0, 1], fewer
+                than ``MIN_CASES`` pairs are valid, or mean SA is the same in all valid pairs.
+
+        Example:
+            >>> calibration = QualityCalibration.fit([0.5, 0.7, float("nan"), 0.9], [0.55, 0.8, 0.9, 0.85])
+            >>> calibration.n_cases, calibration.n_excluded
+            (3, 1)
+        """
+        x = _as_vector(mean_sa, "mean_sa")
+        y = _as_vector(true_dice, "true_dice")
+        if x.shape != y.shape:
+            raise ValueError(f"mean_sa and true_dice must have the same length, got {x.size} and {y.size}.")
+        valid = ~(np.isnan(x) | np.isnan(y))
+        x, y = x[valid], y[valid]
+        n, n_excluded = int(x.size), int(valid.size - x.size)
+        for name, values in (("mean_sa", x), ("true_dice", y)):
+            if not np.isfinite(values).all():
+                raise ValueError(f"{name} contains Inf values; use NaN for an undefined score.")
+            if values.size and (values.min() < 0 or values.max() > 1):
+                raise ValueError(
+                    f"{name} must be in [0, 1] (a Dice-like score, not a percentage), got values in "
+                    f"[{values.min():.4g}, {values.max():.4g}]."
+                )
+        if n < MIN_CASES:
+            raise ValueError(
+                f"cannot fit a quality calibration on {n} valid case(s) ({n_excluded} of {valid.size} excluded "
+                f"because mean SA or true Dice is NaN): at least {MIN_CASES} are needed."
+            )
+        line = _fit_line(x, y)
+        if line is None:
+            raise ValueError(
+                f"cannot fit a quality calibration: mean SA is {x[0]:.6g} in all {n} valid cases, so it cannot "
+                f"tell good predictions from bad ones (check the layers and the reference it was scored against)."
+            )
+        slope, intercept = line
+        xc, yc = x - x.mean(), y - y.mean()
+        sxx, syy = float(xc @ xc), float(yc @ yc)
+        constant_dice = bool(np.all(y == y[0]))
+        pearson_r = math.nan if constant_dice else float(np.clip((xc @ yc) / math.sqrt(sxx * syy), -1, 1))
+        mae = float(np.abs(np.clip(slope * x + intercept, 0, 1) - y).mean())
+        return cls(
+            slope=slope,
+            intercept=intercept,
+            pearson_r=pearson_r,
+            mae=mae,
+            loo_mae=_loo_mae(x, y),
+            n_cases=n,
+            n_excluded=n_excluded,
+        )
+
+    def predict(self, mean_sa: ArrayLike) -> float | np.ndarray | torch.Tensor:
+        """Estimated Dice ``clip(slope * mean_sa + intercept, 0, 1)``; NaN where ``mean_sa`` is NaN.
+
+        Args:
+            mean_sa: mean SA of one or more cases: a number, a sequence or numpy array (any shape), or a tensor.
+
+        Returns:
+            The same kind as the input: a ``float`` for a number; a tensor of the same shape on the same device for
+            a tensor (its dtype if floating, else the default dtype); a float64 numpy array otherwise.
+
+        Example:
+            >>> calibration = QualityCalibration(slope=1.0, intercept=0.1, pearson_r=0.9, mae=0.05, loo_mae=0.06,
+            ...                                  n_cases=20)
+            >>> calibration.predict([0.0, 0.5, 0.95, float("nan")])
+            array([0.1, 0.6, 1. , nan])
+            >>> calibration.predict(torch.tensor([0.5]))
+            tensor([0.6000])
+        """
+        if isinstance(mean_sa, torch.Tensor):
+            dtype = mean_sa.dtype if mean_sa.is_floating_point() else torch.get_default_dtype()
+            values = mean_sa.detach().as_subclass(torch.Tensor).to(torch.float64)
+            return (values * self.slope + self.intercept).clamp(0, 1).to(dtype)
+        if isinstance(mean_sa, numbers.Real):
+            return float(np.clip(float(mean_sa) * self.slope + self.intercept, 0, 1))
+        try:
+            values = np.asarray(mean_sa, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"mean_sa must be a number, a sequence of numbers, a numpy array or a tensor, got "
+                f"{type(mean_sa).__name__}: {error}"
+            ) from error
+        return np.clip(values * self.slope + self.intercept, 0, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-ready dict, with ``format``, ``version`` and the package version.
+
+        NaN values (``pearson_r``, ``loo_mae``) become ``None`` (JSON ``null``); ``from_dict`` turns them back.
+
+        Example:
+            >>> QualityCalibration.fit([0.2, 0.5, 0.9], [0.3, 0.6, 0.8]).to_dict()["format"]
+            'monai_protoseg.QualityCalibration'
+        """
+        from . import __version__  # here, not at import time: the package imports this module while initialising
+
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in values.items():
+            if isinstance(value, float) and math.isnan(value):
+                values[name] = None
+        return {
+            "format": CALIBRATION_FORMAT,
+            "version": CALIBRATION_VERSION,
+            "monai_protoseg_version": __version__,
+            **values,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QualityCalibration:
+        """The calibration described by ``data``, as written by ``to_dict``; extra keys are ignored.
+
+        Raises:
+            ValueError: ``data`` is not a mapping, has another ``format`` or a newer ``version``, misses fields, or
+                a field has the wrong type or value.
+
+        Example:
+            >>> calibration = QualityCalibration.fit([0.2, 0.5, 0.9], [0.3, 0.6, 0.8])
+            >>> QualityCalibration.from_dict(calibration.to_dict()) == calibration
+            True
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a QualityCalibration must be a JSON object / mapping, got {type(data).__name__}.")
+        if data.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"format must be {CALIBRATION_FORMAT!r}, got {data.get('format')!r}.")
+        version = data.get("version")
+        if not _is_int(version) or not 1 <= version <= CALIBRATION_VERSION:
+            raise ValueError(
+                f"version {version!r} is not supported: this monai_protoseg reads versions 1 to "
+                f"{CALIBRATION_VERSION} (a newer monai_protoseg may have written it)."
+            )
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"missing field(s): {', '.join(missing)}.")
+        values: dict[str, Any] = {}
+        for name in names:
+            value = data[name]
+            if name in ("n_cases", "n_excluded"):
+                low = MIN_CASES if name == "n_cases" else 0
+                if not _is_int(value) or value < low:
+                    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+                values[name] = int(value)
+            elif name in ("pearson_r", "loo_mae") and value is None:
+                values[name] = math.nan
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+                values[name] = float(value)
+            else:
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike) -> pathlib.Path:
+        """Write the calibration to ``path`` as JSON, atomically (see ``monai_protoseg.io.atomic_write_text``).
+
+        Returns:
+            ``path`` as a ``pathlib.Path``.
+        """
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QualityCalibration:
+        """Read a calibration written by ``save``.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist (the message names it).
+            ValueError: the file is not JSON or not a valid calibration; the message names the file and the reason.
+
+        Example:
+            >>> import tempfile
+            >>> calibration = QualityCalibration.fit([0.2, 0.5, 0.9], [0.3, 0.6, 0.8])
+            >>> path = calibration.save(f"{tempfile.mkdtemp()}/calibration.json")
+            >>> QualityCalibration.load(path) == calibration
+            True
+        """
+        path = pathlib.Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"no QualityCalibration file at {path}") from error
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{path} is not a QualityCalibration JSON file: it is not UTF-8 text ({error})."
+            ) from error
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a QualityCalibration JSON file: invalid JSON ({error}).") from error
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path} is not a valid QualityCalibration file: {error}") from error
+
+
+def _as_vector(values: ArrayLike, name: str) -> np.ndarray:
+    """``values`` as a 1-D float64 numpy array; ValueError naming the argument otherwise."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().as_subclass(torch.Tensor).to(torch.float64).numpy()
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a sequence of numbers, got {type(values).__name__}: {error}") from error
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one value per case), got shape {array.shape}.")
+    return array
+
+
+def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    """Least-squares ``(slope, intercept)`` of ``y`` on ``x``, or ``None`` when ``x`` is constant."""
+    if x.size == 0 or np.all(x == x[0]):
+        return None
+    if np.all(y == y[0]):  # exactly flat, free of the rounding of the mean
+        return 0.0, float(y[0])
+    x_mean, y_mean = x.mean(), y.mean()
+    xc = x - x_mean
+    slope = float(xc @ (y - y_mean) / (xc @ xc))
+    return slope, float(y_mean - slope * x_mean)
+
+
+def _loo_mae(x: np.ndarray, y: np.ndarray) -> float:
+    """Leave-one-out mean absolute error of the clipped line; NaN if some leave-one-out fit is impossible.
+
+    The sums of the fit without case ``i`` come from the full ones by downdating, in O(n):
+    ``Sxx_{-i} = Sxx - n / (n - 1) (x_i - mean x)^2`` (likewise ``Sxy_{-i}``). Where ``Sxx_{-i}`` is small relative to
+    ``Sxx`` the subtraction cancels, so those cases are refitted directly.
+    """
+    n = x.size
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx, sxy = xc @ xc, xc @ yc
+    scale = n / (n - 1)
+    sxx_loo = sxx - scale * xc * xc
+    sxy_loo = sxy - scale * xc * yc
+    x_mean_loo = xc * (-1 / (n - 1))  # mean of the others, relative to the full mean
+    y_mean_loo = yc * (-1 / (n - 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        predicted = y.mean() + y_mean_loo + sxy_loo / sxx_loo * (xc - x_mean_loo)
+    for i in np.flatnonzero(sxx_loo <= _LOO_RECOMPUTE * sxx):
+        line = _fit_line(np.delete(x, i), np.delete(y, i))
+        if line is None:
+            return math.nan
+        predicted[i] = line[0] * x[i] + line[1]
+    return float(np.abs(np.clip(predicted, 0, 1) - y).mean())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
