@@ -162,7 +162,8 @@ class SAScoreHandler:
 
     def epoch_completed(self, engine: Engine) -> None:
         """Write the epoch's results to ``engine.state``."""
-        means = self.metric.aggregate()  # (L, K)
+        scores = self.metric.layer_scores()  # (N, L, K), gathered across ranks once
+        means = scores.nanmean(0)
         names = self._names()
         metrics = engine.state.metrics
         for i, layer in enumerate(self.layers):
@@ -171,15 +172,13 @@ class SAScoreHandler:
                 for k, class_name in enumerate(names):
                     metrics[f"{self.name}_{layer}_{class_name}"] = means[i, k].item()
         metrics[f"{self.name}_mean"] = means.nanmean().item()
-        metrics[f"{self.name}_undefined"] = int(self.metric.undefined_counts().sum())
+        metrics[f"{self.name}_undefined"] = int(scores.isnan().sum())
         if self.save_details:
             details = getattr(engine.state, "metric_details", None)
             if details is None:
                 details = engine.state.metric_details = {}
-            buffer = self.metric.get_buffer()
-            buffer = buffer[0] if isinstance(buffer, list) else buffer
             for i, layer in enumerate(self.layers):
-                details[f"{self.name}_{layer}"] = buffer[:, i]
+                details[f"{self.name}_{layer}"] = scores[:, i]
         if self.metric.unit_wise:
             self.unit_scores = self.metric.unit_scores()
 

@@ -77,7 +77,7 @@ class SAScoreMetric(CumulativeIterationMetric):
         missing = [layer for layer in self.layers if layer not in features]
         if missing:
             raise ValueError(f"no features for layers {missing}; got features for {list(features)}.")
-        layer_scores, unit_scores = [], []
+        per_layer, per_unit = [], []
         for layer in self.layers:
             per_class_layer, per_class_units = [], []
             for k in range(y_pred.shape[1]):
@@ -93,13 +93,14 @@ class SAScoreMetric(CumulativeIterationMetric):
                         )
                 except ValueError as error:
                     raise ValueError(f"layer {layer!r}: {error}") from error
-            layer_scores.append(torch.stack(per_class_layer, dim=1))  # (B, K)
+            per_layer.append(torch.stack(per_class_layer, dim=1))  # (B, K)
             if self.unit_wise:
-                unit_scores.append(torch.stack(per_class_units, dim=1))  # (B, K, C)
-        scores = torch.stack(layer_scores, dim=1)  # (B, L, K)
-        return (scores, *unit_scores) if self.unit_wise else scores
+                per_unit.append(torch.stack(per_class_units, dim=1))  # (B, K, C)
+        scores = torch.stack(per_layer, dim=1)  # (B, L, K)
+        return (scores, *per_unit) if self.unit_wise else scores
 
-    def _layer_buffer(self) -> torch.Tensor:
+    def layer_scores(self) -> torch.Tensor:
+        """All buffered layer-wise scores, gathered across ranks: ``(N, L, K)``, NaN where undefined."""
         buffers = self.get_buffer()
         buffer = buffers[0] if isinstance(buffers, list) else buffers
         if buffer is None:
@@ -112,11 +113,7 @@ class SAScoreMetric(CumulativeIterationMetric):
         Returns:
             ``(L, K)``: one mean per layer and class, NaN where every image's score was undefined.
         """
-        return self._layer_buffer().nanmean(0)
-
-    def undefined_counts(self) -> torch.Tensor:
-        """Number of images whose score is NaN (no prototype, or an ignored empty reference): ``(L, K)``."""
-        return self._layer_buffer().isnan().sum(0)
+        return self.layer_scores().nanmean(0)
 
     def unit_scores(self) -> dict[str, torch.Tensor]:
         """Mean unit-wise score over the images, NaN ignored: ``{layer: (K, C_l)}``."""
