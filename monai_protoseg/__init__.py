@@ -1,11 +1,11 @@
 """monai_protoseg: what every layer of a MONAI segmentation network can segment (ProtoSeg, SA scores)."""
 
-from .handlers import SAScoreHandler
+from .handlers import MeanSAQualityHandler, SAScoreHandler
 from .inferers import ProtoSegInferer
 from .metrics import SAScoreMetric
 from .protoseg import prototype_map, prototypes, sa_score
 from .quality import QualityCalibration
-from .recorder import FeatureRecorder, candidate_layers, resolve_layers
+from .recorder import FeatureRecorder, candidate_layers, last_decoder_layers, resolve_layers
 from .transforms import ForegroundProbability, ForegroundProbabilityd, ProtoSegd
 
 __version__ = "0.1.0"
@@ -17,8 +17,10 @@ __all__ = [
     "FeatureRecorder",
     "candidate_layers",
     "resolve_layers",
+    "last_decoder_layers",
     "SAScoreMetric",
     "SAScoreHandler",
+    "MeanSAQualityHandler",
     "ProtoSegInferer",
     "ForegroundProbability",
     "ForegroundProbabilityd",

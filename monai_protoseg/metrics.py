@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-from .protoseg import sa_score
+from .protoseg import _check_inputs, _Guide, _prepare_features, _prepare_guide, _sa_scores
 
 __all__ = ["SAScoreMetric"]
 
@@ -16,7 +16,8 @@ class SAScoreMetric(CumulativeIterationMetric):
     """Per-image, per-layer, per-class segmentation-ability scores.
 
     Each call scores one batch: for every layer and every class ``k`` (one-vs-rest),
-    ``sa_score(features[layer], y_pred[:, k], y[:, k], mask)``. Scores are buffered like MONAI's ``DiceMetric``
+    ``sa_score(features[layer], y_pred[:, k], y[:, k], mask)``, with the probabilities, reference and mask checked
+    once and their prototype weights shared by all layers and classes. Scores are buffered like MONAI's ``DiceMetric``
     (``get_buffer()`` gathers them across ranks, uneven splits included) and averaged by ``aggregate()``.
 
     Args:
@@ -77,25 +78,22 @@ class SAScoreMetric(CumulativeIterationMetric):
         missing = [layer for layer in self.layers if layer not in features]
         if missing:
             raise ValueError(f"no features for layers {missing}; got features for {list(features)}.")
+        guides: dict[torch.dtype, _Guide] = {}  # prob, target and mask are checked and weighted once per dtype
         per_layer, per_unit = [], []
-        for layer in self.layers:
-            per_class_layer, per_class_units = [], []
-            for k in range(y_pred.shape[1]):
+        with torch.no_grad():
+            for layer in self.layers:
                 try:
-                    per_class_layer.append(
-                        sa_score(features[layer], y_pred[:, k:k + 1], y[:, k:k + 1], mask,
-                                 ignore_empty=self.ignore_empty)
-                    )
-                    if self.unit_wise:
-                        per_class_units.append(
-                            sa_score(features[layer], y_pred[:, k:k + 1], y[:, k:k + 1], mask, unit_wise=True,
-                                     ignore_empty=self.ignore_empty)
-                        )
+                    _check_inputs(features[layer], y_pred[:, :1], mask, y[:, :1])  # the shapes of one class
+                    layer_features, _ = _prepare_features(features[layer])  # translated to their mean
+                    dtype = layer_features.dtype
+                    if dtype not in guides:
+                        guides[dtype] = _Guide(*_prepare_guide(y_pred, mask, y, dtype))
                 except ValueError as error:
                     raise ValueError(f"layer {layer!r}: {error}") from error
-            per_layer.append(torch.stack(per_class_layer, dim=1))  # (B, K)
-            if self.unit_wise:
-                per_unit.append(torch.stack(per_class_units, dim=1))  # (B, K, C)
+                guide = guides[dtype]
+                per_layer.append(_sa_scores(layer_features, guide, unit_wise=False, ignore_empty=self.ignore_empty))
+                if self.unit_wise:
+                    per_unit.append(_sa_scores(layer_features, guide, unit_wise=True, ignore_empty=self.ignore_empty))
         scores = torch.stack(per_layer, dim=1)  # (B, L, K)
         return (scores, *per_unit) if self.unit_wise else scores
 

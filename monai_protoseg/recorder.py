@@ -11,7 +11,7 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, SegResNet, UNet
 from torch import nn
 
-__all__ = ["FeatureRecorder", "resolve_layers", "candidate_layers"]
+__all__ = ["FeatureRecorder", "resolve_layers", "candidate_layers", "last_decoder_layers"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -193,6 +193,30 @@ def candidate_layers(network: nn.Module) -> list[str]:
     else:
         names = _leaf_most_blocks(network)
     return [prefix + name for name in names]
+
+
+def last_decoder_layers(network: nn.Module, count: int = 2) -> list[str]:
+    """The last ``count`` decoder layers before the output block: the default layers of the mean-SA quality estimate.
+
+    The output block itself is left out: its features are the logits, whose SA against the network's own prediction
+    is close to 1 whatever the quality. For networks :func:`candidate_layers` does not know, the last leaf-most block
+    is taken as the output block.
+
+    Args:
+        network: the segmentation network.
+        count: how many layers.
+
+    Returns:
+        qualified names, in forward order.
+
+    Example:
+        >>> last_decoder_layers(UNet(2, 1, 1, channels=(4, 8, 16, 32), strides=(2, 2, 2)))
+        ['model.1.submodule.1.submodule.2', 'model.1.submodule.2']
+    """
+    names = candidate_layers(network)
+    if not 1 <= count < len(names):
+        raise ValueError(f"count must be between 1 and {len(names) - 1} for this network, got {count}.")
+    return names[-count - 1:-1]
 
 
 def _unet_layers(network: UNet) -> list[str]:

@@ -268,6 +268,10 @@ BAD_INPUTS = [
     (_bad(target=torch.ones(2, 1, 8)), r"target must have shape \(B, 1, \*S\)"),
     (_bad(features=torch.full((2, 4, 4, 4), float("nan"))), "features contain NaN or Inf"),
     (_bad(features=torch.full((2, 4, 4, 4), float("inf"))), "features contain NaN or Inf"),
+    (_bad(features=torch.randn(2, 4, 4, 4).index_fill_(3, torch.tensor([1]), -float("inf"))),
+     "features contain NaN or Inf"),
+    (_bad(features=torch.randn(2, 4, 4, 4).index_fill_(1, torch.tensor([2]), float("nan"))),
+     "features contain NaN or Inf"),
 ]
 
 
@@ -307,3 +311,27 @@ def test_resize_transpose_is_the_adjoint_of_resize():
         lhs = (protoseg._resize(small, size) * weights).sum()
         rhs = (small * protoseg._resize_transpose(weights, feature_size)).sum()
         torch.testing.assert_close(lhs, rhs)
+
+
+def test_large_finite_features_are_valid():
+    features, prob, _, target = random_case((4, 4), (8, 8))
+    features[0, 0, :2] = torch.finfo(torch.float32).max  # their float32 mean overflows, yet they are finite
+    features[1, 1, :2] = -torch.finfo(torch.float32).max
+    origin = protoseg._prepare_features(features)[1]
+    assert origin[0, 0].isinf() and origin[1, 1].isinf()
+    protoseg._prepare(features, prob, None, target)  # no error
+
+
+def test_resize_is_linear_interpolation():
+    gen = torch.Generator().manual_seed(0)
+    for feature_size, size in RESOLUTIONS:
+        values = torch.randn(2, 3, *feature_size, generator=gen, dtype=torch.float64)[:, 1:]  # not contiguous
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+        expected = torch.nn.functional.interpolate(values, size=size, mode=mode, align_corners=False)
+        torch.testing.assert_close(protoseg._resize(values, size), expected, atol=1e-12, rtol=0)
+
+
+def test_count_per_row():
+    binary = torch.rand(3, 4, 50, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.equal(protoseg._count(binary), binary.sum(-1))
+    assert torch.equal(protoseg._count(binary[:, 1:]), binary[:, 1:].sum(-1))

@@ -217,24 +217,6 @@ def test_load_of_a_missing_file_names_the_path(tmp_path):
         QualityCalibration.load(path)
 
 
-def test_atomic_write_creates_parents_and_replaces_a_file(tmp_path):
-    path = tmp_path / "a" / "b" / "out.txt"
-    assert atomic_write_text(path, "first\n") == path
-    assert path.read_text() == "first\n"
-    atomic_write_text(str(path), "second\r\nline ü")
-    assert path.read_bytes() == "second\r\nline ü".encode()  # written as given, no newline translation
-    assert sorted(p.name for p in path.parent.iterdir()) == ["out.txt"]
-
-
-@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
-def test_atomic_write_keeps_the_mode_of_a_replaced_file(tmp_path):
-    path = tmp_path / "out.txt"
-    path.write_text("old")
-    path.chmod(0o640)
-    atomic_write_text(path, "new")
-    assert path.stat().st_mode & 0o777 == 0o640 and path.read_text() == "new"
-
-
 def test_failed_replace_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "calibration.json"
     QualityCalibration.fit(*validation_cases()).save(path)
@@ -250,12 +232,3 @@ def test_failed_replace_leaves_the_old_file_and_no_temporary_file(tmp_path, monk
         atomic_write_text(tmp_path / "new.txt", "never visible")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json"]
-
-
-def test_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
-    path = tmp_path / "out.txt"
-    path.write_text("old")
-    with pytest.raises(UnicodeEncodeError):
-        atomic_write_text(path, "café \udcff", encoding="ascii")  # fails while writing the temporary file
-    assert path.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]

@@ -16,3 +16,4 @@ def test_readme_python_blocks_run(capsys):
     assert "torch.Size([2, 2])" in printed and "torch.Size([2, 8])" in printed
     assert "torch.Size([1, 4, 16, 16, 24])" in printed
     assert "torch.Size([1, 32, 32]) tensor([1.])" in printed
+    assert "new_0" in printed

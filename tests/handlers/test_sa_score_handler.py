@@ -218,3 +218,60 @@ def test_training_with_the_handler_is_bit_identical():
     losses_sa, weights_sa = train(with_sa=True)
     assert losses_plain == losses_sa and len(losses_plain) == 9
     assert all(torch.equal(weights_plain[k], weights_sa[k]) for k in weights_plain)
+
+
+def test_tensorboard_scalars_whatever_the_handler_order(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from monai.handlers import TensorBoardStatsHandler
+
+    network = make_network()
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=make_batches(), network=network,
+        val_handlers=[TensorBoardStatsHandler(log_dir=str(tmp_path), iteration_log=False), SAScoreHandler(LAYERS)],
+    )
+    evaluator.run()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    expected = {f"sa_{layer}" for layer in LAYERS} | {"sa_mean", "sa_undefined"}
+    assert expected <= set(events.Tags()["scalars"])
+    assert events.Scalars("sa_mean")[0].value == pytest.approx(evaluator.state.metrics["sa_mean"], abs=1e-6)
+
+
+def test_as_an_evaluator_metric_it_can_be_the_key_metric():
+    network = make_network()
+    handler = SAScoreHandler(LAYERS)
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=make_batches(), network=network,
+                                    key_val_metric={"val_sa": handler})
+    evaluator.run()
+    assert evaluator.state.metrics["val_sa"] == evaluator.state.metrics["sa_mean"]
+    assert evaluator.state.best_metric == pytest.approx(evaluator.state.metrics["sa_mean"])
+    assert hook_count(network) == 0
+
+
+def test_output_dir_gets_per_case_and_per_unit_csvs(tmp_path):
+    import csv
+
+    from monai.data import MetaTensor
+
+    network, batches = make_network(out_channels=3), make_batches(classes=3)
+    for i, batch in enumerate(batches):
+        batch["image"] = MetaTensor(batch["image"], meta={"filename_or_obj": [f"/d/c{i}{b}.nii.gz" for b in range(2)]})
+    handler = SAScoreHandler(LAYERS, activation="softmax", class_names=["left", "right"], unit_wise=True,
+                             output_dir=tmp_path)
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, network=network,
+                                    val_handlers=[handler])
+    evaluator.run()
+    with open(tmp_path / "sa_layers.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(row["case"], row["class"]) for row in rows[:3]] == [("c00", "left"), ("c00", "right"), ("c01", "left")]
+    for layer in LAYERS:
+        details = evaluator.state.metric_details[f"sa_{layer}"].flatten().double()  # (case, class) row-major
+        torch.testing.assert_close(torch.tensor([float(row[layer]) for row in rows], dtype=torch.float64), details,
+                                   atol=1e-6, rtol=0, equal_nan=True)
+    with open(tmp_path / "sa_units.csv", newline="") as stream:
+        units = list(csv.DictReader(stream))
+    assert len(units) == sum(scores.numel() for scores in handler.unit_scores.values())
+    first = units[0]
+    assert (first["layer"], first["class"], first["unit"]) == ("model.0", "left", "0")
+    value = handler.unit_scores["model.0"][0, 0].item()
+    assert (first["sa"] == "nan" and math.isnan(value)) or float(first["sa"]) == pytest.approx(value, abs=1e-6)

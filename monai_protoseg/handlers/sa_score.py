@@ -1,0 +1,159 @@
+"""Ignite handler that scores every probed layer's segmentation ability during MONAI validation."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine
+from monai.handlers import from_engine
+from monai.utils import CommonKeys
+from torch import nn
+
+from ..io import atomic_write_csv, format_number
+from ..metrics import SAScoreMetric
+from .probe import LayerProbeHandler, as_batch
+
+__all__ = ["SAScoreHandler"]
+
+
+class SAScoreHandler(LayerProbeHandler):
+    """Layer-wise (and unit-wise) SA scores of a network, computed while a MONAI evaluator runs.
+
+    Add it to a ``SupervisedEvaluator``'s handlers and nothing else changes. Hooks are registered when the evaluator
+    starts and removed when it completes or raises, so a trainer sharing the network is untouched. Prototypes are
+    guided by the network's soft output, recorded from the network itself (before any post-transform discretises
+    ``pred``). Classes are scored one-vs-rest. When the evaluator's inferer is a ``SlidingWindowInferer`` it is
+    wrapped in a :class:`~monai_protoseg.ProtoSegInferer` while the evaluator runs, so prototypes and maps cover the
+    whole image, not one window; the original inferer is put back when the run completes or raises.
+
+    Results, after each evaluator epoch: ``engine.state.metrics[f"{name}_{layer}"]`` (mean over classes),
+    ``f"{name}_{layer}_{class}"`` per class when there are several, ``f"{name}_mean"`` over layers and classes,
+    ``f"{name}_undefined"`` (image-layer-class scores that were NaN); per image, ``engine.state.metric_details
+    [f"{name}_{layer}"]`` of shape ``(N, K)`` as MONAI's ``MetricsSaver`` writes them; with ``unit_wise``,
+    ``self.unit_scores = {layer: (K, C) mean unit SA}``. They are set before any other epoch-completed handler
+    runs, so ``StatsHandler`` and ``TensorBoardStatsHandler`` see them whatever their order. Passed in an
+    evaluator's ``additional_metrics`` (or ``key_val_metric``) instead, it also writes ``f"{name}_mean"`` under the
+    metric's own name.
+
+    Args:
+        layers: qualified names of the layers to probe (see :func:`~monai_protoseg.candidate_layers`).
+        network: the network; by default ``engine.network`` when the engine starts.
+        output_transform: gives ``(pred, label)`` from ``engine.state.output`` (MONAI ``from_engine`` style).
+        activation: ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
+        class_names: one name per scored class; default ``"class{index}"`` with the output channel index.
+        include_background: score output channel 0 too. A single-channel output is always scored.
+        unit_wise: also compute unit-wise SA.
+        mask_key: key of a binary ``(1, *S)`` tissue mask in the batch; only its pixels feed the prototypes.
+        reference: ``"label"`` scores against the ground truth, ``"pred"`` against the binarised prediction
+            (argmax for softmax, ``> 0.5`` otherwise).
+        name: prefix of the result keys.
+        save_details: keep per-image scores in ``engine.state.metric_details``.
+        ignore_empty: empty-reference rule of :func:`~monai_protoseg.sa_score` (NaN when ``True``).
+        output_dir: when given, each epoch also writes ``f"{name}_layers.csv"`` (a row per case and class, a column
+            per layer) and, with ``unit_wise``, ``f"{name}_units.csv"`` (mean SA per layer, class and unit) there,
+            atomically; the files the report (``monai_protoseg.report``) reads.
+        image_key: the batch key whose meta data names the cases in those files.
+        save_rank: the distributed rank that writes the files.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        network: nn.Module | None = None,
+        output_transform: Callable = from_engine([CommonKeys.PRED, CommonKeys.LABEL]),
+        activation: str | None = "sigmoid",
+        class_names: Sequence[str] | None = None,
+        include_background: bool = False,
+        unit_wise: bool = False,
+        mask_key: str | None = None,
+        reference: str = "label",
+        name: str = "sa",
+        save_details: bool = True,
+        ignore_empty: bool = True,
+        output_dir: str | os.PathLike | None = None,
+        image_key: str = CommonKeys.IMAGE,
+        save_rank: int = 0,
+    ) -> None:
+        if reference not in ("label", "pred"):
+            raise ValueError(f"reference must be 'label' or 'pred', got {reference!r}.")
+        super().__init__(layers, network, activation, class_names, include_background, image_key)
+        self.output_transform = output_transform
+        self.mask_key = mask_key
+        self.reference = reference
+        self.name = name
+        self.save_details = save_details
+        self.output_dir = None if output_dir is None else pathlib.Path(output_dir)
+        self.save_rank = save_rank
+        self.metric = SAScoreMetric(self.layers, unit_wise=unit_wise, ignore_empty=ignore_empty)
+        self.unit_scores: dict[str, torch.Tensor] = {}
+
+    def epoch_started(self, engine: Engine) -> None:
+        """Start a new accumulation."""
+        super().epoch_started(engine)
+        self.metric.reset()
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Score the batch that just ran."""
+        pred, label = (as_batch(value) for value in self.output_transform(engine.state.output))
+        if pred.shape[2:] != label.shape[2:]:
+            raise ValueError(
+                f"the prediction's spatial size {tuple(pred.shape[2:])} does not match the label's "
+                f"{tuple(label.shape[2:])}."
+            )
+        prob, features = self.probed_batch(label.shape[2:])
+        classes = slice(self.class_indices[0], self.class_indices[-1] + 1)  # contiguous: a view, not a copy
+        if self.reference == "pred":
+            target = self.binarised(prob)
+        else:
+            target = self.one_hot_label(label.to(prob.device), prob.shape[1])
+        mask = None
+        if self.mask_key is not None:
+            batch = engine.state.batch
+            if not isinstance(batch, dict) or self.mask_key not in batch:
+                raise KeyError(f"mask_key {self.mask_key!r} is not in the batch.")
+            mask = as_batch(batch[self.mask_key]).to(prob.device)
+        self.metric(prob[:, classes], target[:, classes], features=features, mask=mask)
+        self.record_case_names(engine, prob.shape[0])
+
+    def epoch_completed(self, engine: Engine) -> None:
+        """Write the epoch's results to ``engine.state``."""
+        scores = self.metric.layer_scores()  # (N, L, K), gathered across ranks once
+        means = scores.nanmean(0)
+        names = self.class_labels()
+        metrics = engine.state.metrics
+        for i, layer in enumerate(self.layers):
+            metrics[f"{self.name}_{layer}"] = means[i].nanmean().item()
+            if len(names) > 1:
+                for k, class_name in enumerate(names):
+                    metrics[f"{self.name}_{layer}_{class_name}"] = means[i, k].item()
+        metrics[f"{self.name}_mean"] = means.nanmean().item()
+        if self.metric_name is not None:
+            metrics[self.metric_name] = metrics[f"{self.name}_mean"]
+        metrics[f"{self.name}_undefined"] = int(scores.isnan().sum())
+        if self.save_details:
+            details = getattr(engine.state, "metric_details", None)
+            if details is None:
+                details = engine.state.metric_details = {}
+            for i, layer in enumerate(self.layers):
+                details[f"{self.name}_{layer}"] = scores[:, i]
+        if self.metric.unit_wise:
+            self.unit_scores = self.metric.unit_scores()
+        cases = self.case_names()
+        if self.output_dir is not None and idist.get_rank() == self.save_rank:
+            self._write_csvs(cases, scores, names)
+
+    def _write_csvs(self, cases: list[str], scores: torch.Tensor, names: list[str]) -> None:
+        """``{name}_layers.csv``: one row per case and class, one column per layer; ``{name}_units.csv``: the mean
+        SA of every unit (layer, class, unit)."""
+        rows = [[case, class_name, *(format_number(value) for value in scores[n, :, k])]
+                for n, case in enumerate(cases) for k, class_name in enumerate(names)]
+        atomic_write_csv(self.output_dir / f"{self.name}_layers.csv", ["case", "class", *self.layers], rows)
+        if self.metric.unit_wise:
+            rows = [[layer, class_name, unit, format_number(value)]
+                    for layer, units in self.unit_scores.items()
+                    for k, class_name in enumerate(names) for unit, value in enumerate(units[k])]
+            atomic_write_csv(self.output_dir / f"{self.name}_units.csv", ["layer", "class", "unit", "sa"], rows)

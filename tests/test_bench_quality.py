@@ -1,0 +1,74 @@
+"""benchmarks/bench_quality.py runs end to end on tiny sizes and prints a table of finite numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import time
+
+import pytest
+import torch
+from monai.data import TestTimeAugmentation
+from monai.networks.nets import UNet
+from monai.transforms import Compose, RandFlipd, RandRotate90d
+
+from monai_protoseg import candidate_layers
+from monai_protoseg.synthetic import make_case
+
+BENCHMARK = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_prints_a_table_of_finite_numbers(capsys):
+    bench_quality = load_benchmark()
+    start = time.perf_counter()
+    table = bench_quality.main(["--quick", "--size", "32", "--train-steps", "20", "--sources", "4", "--levels", "3",
+                                "--tta", "4"])
+    elapsed = time.perf_counter() - start
+    assert elapsed < 30, f"the tiny run took {elapsed:.0f} s"
+    printed = capsys.readouterr().out
+    assert table in printed and "machine:" in printed
+    assert ".venv/bin/python benchmarks/bench_quality.py --quick --size 32" in printed
+
+    lines = table.splitlines()
+    assert lines[0].startswith("| signal | test n | Pearson r | MAE |")
+    rows = {line.split(" | ")[0].strip("| "): line.strip("|").split("|")[1:] for line in lines[2:]}
+    assert list(rows) == [*bench_quality.SIGNALS, "none (validation mean Dice)"]
+    for name, cells in rows.items():
+        n, r, mae = int(cells[0]), cells[1].strip(), float(cells[2])
+        assert 0 < n <= 12 and 0 <= mae <= 1, name
+        if name != "none (validation mean Dice)":
+            assert -1 <= float(r) <= 1, name
+    # confidence is defined on every case, so the full test set (4 sources x 3 difficulties) is scored
+    assert int(rows["confidence"][0]) == 12
+
+
+def test_signals_of_an_empty_prediction_and_of_augmentations_that_agree():
+    bench_quality = load_benchmark()
+    image, label = make_case(0, 32)
+    network = UNet(2, 1, 1, channels=(4, 8, 16), strides=(2, 2)).eval()
+    with torch.no_grad():  # logits -10 everywhere: an empty prediction
+        for parameter in network.parameters():
+            parameter.zero_()
+        network.model[-1].conv.bias.fill_(-10.0)
+    # flips and 90-degree rotations are inverted exactly, and thresholding the clean image at 0.45 gives the label
+    transform = Compose([RandFlipd("image", prob=0.5, spatial_axis=0), RandRotate90d("image", prob=0.5)])
+    transform.set_random_state(0)
+    tta = TestTimeAugmentation(transform, batch_size=4, inferrer_fn=lambda x: (x > 0.45).float(), orig_key="image",
+                               return_full_data=True, progress=False)
+    signals = bench_quality.case_signals(network, candidate_layers(network)[-3:-1], tta, 4, image, label)
+
+    assert math.isnan(signals["mean SA"])  # no foreground prototype
+    assert signals["confidence"] == pytest.approx(1 - 1 / (1 + math.exp(10)), abs=1e-6)
+    assert signals["true Dice"] == 0
+    assert signals["TTA, 1/(1+vvc)"] == 1.0  # four equal volumes: vvc 0
+    # MONAI's vvc of binary realisations is a function of the foreground fraction alone
+    f, count = float(label.mean()), 4 * label.size
+    assert signals["TTA, MONAI's vvc"] == pytest.approx(1 / (1 + math.sqrt((1 - f) / f * count / (count - 1))))
