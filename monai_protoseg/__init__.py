@@ -1,7 +1,9 @@
 """monai_protoseg: what every layer of a MONAI segmentation network can segment (ProtoSeg, SA scores)."""
 
-from .handlers import MeanSAQualityHandler, SAScoreHandler
+from .checks import CheckedLoadImaged, CheckSpatialShaped
+from .handlers import MeanSAQualityHandler, PrototypeMapHandler, SAScoreHandler
 from .inferers import ProtoSegInferer
+from .maps import MapSnapshot, plot_prototype_maps, read_snapshot, save_snapshot, take_snapshot, tile_snapshot
 from .metrics import SAScoreMetric
 from .protoseg import prototype_map, prototypes, sa_score
 from .quality import QualityCalibration
@@ -21,9 +23,18 @@ __all__ = [
     "SAScoreMetric",
     "SAScoreHandler",
     "MeanSAQualityHandler",
+    "PrototypeMapHandler",
+    "MapSnapshot",
+    "take_snapshot",
+    "save_snapshot",
+    "read_snapshot",
+    "plot_prototype_maps",
+    "tile_snapshot",
     "ProtoSegInferer",
     "ForegroundProbability",
     "ForegroundProbabilityd",
     "ProtoSegd",
+    "CheckedLoadImaged",
+    "CheckSpatialShaped",
     "QualityCalibration",
 ]

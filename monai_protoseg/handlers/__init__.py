@@ -1,7 +1,9 @@
-"""Ignite handlers for MONAI engines: SA during validation, the mean-SA quality estimate at inference."""
+"""Ignite handlers for MONAI engines: SA during validation, prototype-map snapshots, the mean-SA quality estimate at
+inference."""
 
 from .mean_sa_quality import MeanSAQualityHandler
 from .probe import LayerProbeHandler
+from .prototype_maps import PrototypeMapHandler
 from .sa_score import SAScoreHandler
 
-__all__ = ["LayerProbeHandler", "MeanSAQualityHandler", "SAScoreHandler"]
+__all__ = ["LayerProbeHandler", "MeanSAQualityHandler", "PrototypeMapHandler", "SAScoreHandler"]

@@ -6,7 +6,7 @@ epoch, tiny windows and feature sizes, no workers, no caching) in a fresh proces
 must write SA metrics and the quality calibration; evaluate; inference, which must write ``quality.csv`` and the
 predictions; ``check_properties``; and the multi-GPU configs resolved in a one-process ``gloo`` group. One test runs
 ``python -m monai.bundle run`` itself. The rest checks every bundle's files, metadata, and the consistency of its
-configs without running them.
+configs without running them (the metadata schema: test_bundle_metadata.py).
 """
 
 from __future__ import annotations
@@ -37,14 +37,6 @@ REQUIRED_FILES = [
     "configs/metadata.json", "configs/train.json", "configs/evaluate.json", "configs/inference.json",
     "configs/multi_gpu_train.json", "configs/multi_gpu_evaluate.json", "configs/logging.conf", "docs/README.md",
     "LICENSE", "large_files.yml",
-]
-METADATA_KEYS = [
-    "schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
-    "name", "task", "description", "authors", "copyright", "data_source", "data_type", "image_classes", "label_classes",
-    "pred_classes", "eval_metrics", "intended_use", "references", "network_data_format",
-]
-TENSOR_KEYS = [
-    "type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def",
 ]
 # a fresh process per bundle: one thread each (2 cores, no oversubscription), the package importable from the checkout
 ENV = {
@@ -400,6 +392,54 @@ def test_command_line_inference(tmp_path):
     assert len(list((tmp_path / "out").glob("ISIC_*_segmentation.png"))) == 2
 
 
+@pytest.mark.parametrize("damage", ["corrupt image", "label of another size"])
+def test_bad_data_stops_training_naming_the_file(tmp_path, damage):
+    """ISIC (2D, fast): a corrupt JPEG, or a mask whose size differs from its image, stops ``train.json`` while it
+    caches the data, before anything is written, with an error naming the file."""
+    data = make_isic(tmp_path / "data", n_train=4, n_test=0)
+    if damage == "corrupt image":
+        bad = data / "ISIC2018_Task1-2_Training_Input" / "ISIC_0000002.jpg"
+        bad.write_bytes(bad.read_bytes()[:200])
+        expected = f"cannot read image file {bad}: "
+    else:
+        bad = data / "ISIC2018_Task1_Training_GroundTruth" / "ISIC_0000002_segmentation.png"
+        Image.fromarray(np.zeros((10, 12), np.uint8)).save(bad)
+        expected = f"the 'label' image {bad} has spatial shape (12, 10)"
+    output_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+               str(BUNDLES_DIR / "isic_skin_protoseg" / "configs" / "train.json"), "--dataset_dir", str(data),
+               "--bundle_root", str(tmp_path), "--output_dir", str(output_dir), "--image_size", "[64,64]",
+               *(f"--{key}={value}" for key, value in LOADERS.items())]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+    assert not output_dir.exists() or not [path for path in output_dir.rglob("*") if path.is_file()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_pipeline_names_bad_files(name):
+    """Every loading step of every config is ``CheckedLoadImaged``, and where a label is loaded,
+    ``CheckSpatialShaped`` follows once the channel dimension is first, before any spatial transform."""
+    pipelines = []
+
+    def collect(node):
+        if isinstance(node, list) and any(isinstance(item, dict) and "LoadImage" in str(item.get("_target_"))
+                                          for item in node):
+            pipelines.append(node)
+        for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else []):
+            collect(child)
+
+    for file in ("train.json", "inference.json"):
+        collect(json.loads((BUNDLES_DIR / name / "configs" / file).read_text()))
+    assert len(pipelines) >= 2
+    for pipeline in pipelines:
+        targets = [item.get("_target_") for item in pipeline if isinstance(item, dict)]
+        assert "LoadImaged" not in targets and targets[0] == "monai_protoseg.CheckedLoadImaged"
+        if "label" in str(pipeline[0]["keys"]):
+            check = targets.index("monai_protoseg.CheckSpatialShaped")
+            assert set(targets[1:check]) <= {"EnsureChannelFirstd"}
+
+
 # ------------------------------------------------------------------------------------- files, metadata, configs
 
 
@@ -409,13 +449,11 @@ def test_bundle_files_and_metadata(name):
     missing = [file for file in REQUIRED_FILES if not (bundle / file).is_file()]
     assert not missing, f"{name} lacks {missing}"
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
-    assert not [key for key in METADATA_KEYS if key not in metadata]
     assert metadata["version"] in metadata["changelog"]
     train = load_config(name, "train.json")
     formats = metadata["network_data_format"]
     for tensor, channels in ((formats["inputs"]["image"], train["network_def"]["in_channels"]),
                              (formats["outputs"]["pred"], train["network_def"]["out_channels"])):
-        assert not [key for key in TENSOR_KEYS if key not in tensor]
         assert tensor["num_channels"] == channels == len(tensor["channel_def"])
     assert "Apache License" in (bundle / "LICENSE").read_text()
     large_files = (bundle / "large_files.yml").read_text()

@@ -6,9 +6,12 @@ import csv
 import json
 import math
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -46,6 +49,19 @@ def score(value: str) -> float:
 def trained(tmp_path_factory) -> tuple[pathlib.Path, str]:
     output_dir = tmp_path_factory.mktemp("demo")
     return output_dir, run_bundle(["train.json"], output_dir, *TINY)
+
+
+def assert_same_rows(expected: list[dict[str, str]], actual: list[dict[str, str]], keys: tuple[str, ...],
+                     abs: float) -> None:
+    """The same rows, matched by ``keys`` whatever their order, numbers equal within ``abs`` (NaN equal to NaN)."""
+    by_key = {tuple(row[key] for key in keys): row for row in actual}
+    assert len(by_key) == len(actual) == len(expected)
+    for row in expected:
+        other = by_key[tuple(row[key] for key in keys)]
+        assert other.keys() == row.keys()
+        for column, value in row.items():
+            if column not in keys:
+                assert float(other[column]) == pytest.approx(float(value), abs=abs, nan_ok=True), column
 
 
 def network_def() -> torch.nn.Module:
@@ -111,11 +127,7 @@ def test_evaluate_reloads_the_model_and_reproduces_validation(trained, tmp_path)
     before = read_rows(output_dir / "sa_layers.csv")
     log = run_bundle(["train.json", "evaluate.json"], output_dir, "--device", "cpu")
     assert "report: " in log
-    after = read_rows(output_dir / "sa_layers.csv")
-    for row_before, row_after in zip(before, after, strict=True):
-        for key, value in row_before.items():
-            if key not in ("case", "class"):
-                assert row_after[key] == pytest.approx(value, abs=1e-5) if value != "nan" else row_after[key] == "nan"
+    assert_same_rows(before, read_rows(output_dir / "sa_layers.csv"), ("case", "class"), abs=1e-5)
 
 
 def test_inference_on_images_only(trained):
@@ -124,3 +136,91 @@ def test_inference_on_images_only(trained):
     rows = read_rows(output_dir / "quality.csv")
     assert len(rows) == 4 and "true_dice" not in rows[0]
     assert [row["case"] for row in rows] == [f"case_{i:03d}" for i in range(4)]
+
+
+def test_multi_gpu_evaluate_with_two_processes_equals_one_process(trained, tmp_path):
+    """``multi_gpu_evaluate.json`` under ``torchrun --nproc_per_node=2`` on CPU (gloo, uneven split of 8 cases is
+    fine too): the same SA scores, quality rows and metrics as the single-process evaluate, written once."""
+    output_dir, _ = trained
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    for copy in (single, multi):
+        for folder in ("data", "models"):
+            shutil.copytree(output_dir / folder, copy / folder)
+    run_bundle(["train.json", "evaluate.json"], single, "--device", "cpu")
+    configs = str([str(BUNDLE / "configs" / name) for name in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+               "run", "--config_file", configs, "--bundle_root", str(BUNDLE), "--output_dir", str(multi)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "on 2 processes" in result.stdout + result.stderr
+    assert_same_rows(read_rows(single / "sa_layers.csv"), read_rows(multi / "sa_layers.csv"), ("case", "class"), 1e-6)
+    assert_same_rows(read_rows(single / "quality_validation.csv"), read_rows(multi / "quality_validation.csv"),
+                     ("case", "class", "review", "note"), 1e-6)
+    assert_same_rows(read_rows(single / "sa_units.csv"), read_rows(multi / "sa_units.csv"), ("layer", "class", "unit"),
+                     1e-5)  # means over cases: the gathered order changes the float sums
+    single_metrics = dict(csv.reader((single / "metrics.csv").read_text().splitlines()))
+    multi_metrics = dict(csv.reader((multi / "metrics.csv").read_text().splitlines()))
+    assert single_metrics.keys() == multi_metrics.keys()
+    for name, value in single_metrics.items():
+        assert float(multi_metrics[name]) == pytest.approx(float(value), abs=1e-5), name
+
+
+def damage(kind: str, path: pathlib.Path) -> None:
+    """A missing file, a file cut inside its compressed body, or a label on a grid other than its image's."""
+    if kind == "missing":
+        path.unlink()
+    elif kind == "truncated":
+        content = path.read_bytes()
+        path.write_bytes(content[: len(content) * 2 // 3])
+    else:
+        image = nib.load(path)
+        nib.save(nib.Nifti1Image(np.zeros((image.shape[0] - 2, *image.shape[1:]), np.uint8), image.affine), path)
+
+
+def run_failing(configs: list[str], output_dir: pathlib.Path, *extra: str) -> str:
+    config_file = str([str(BUNDLE / "configs" / name) for name in configs]) if len(configs) > 1 else str(
+        BUNDLE / "configs" / configs[0])
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--bundle_root", str(BUNDLE),
+               "--output_dir", str(output_dir), "--device", "cpu", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0, "the run should have stopped"
+    return result.stdout + result.stderr
+
+
+def snapshot(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and "data" not in path.parts}
+
+
+@pytest.mark.parametrize("kind, folder, message", [
+    ("missing", "imagesTr", "cannot read image file {path}: "),
+    ("truncated", "labelsTr", "cannot read image file {path}: "),
+    ("shape", "labelsTr", "the 'label' image {path} has spatial shape"),
+])
+def test_bad_validation_data_stops_evaluate_naming_the_file(trained, tmp_path, kind, folder, message):
+    """Evaluate caches the validation cases before it runs: a bad case stops it before anything is written, and
+    every file of the earlier run is left as it was."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    before = snapshot(copy)
+    path = copy / "data" / "validation" / folder / "case_003.nii.gz"
+    damage(kind, path)
+    log = run_failing(["train.json", "evaluate.json"], copy)
+    assert message.format(path=path) in log
+    assert snapshot(copy) == before  # nothing lost, nothing half-written, no temporary files left
+
+
+def test_a_corrupt_image_midway_through_inference_keeps_what_was_written(trained, tmp_path):
+    """Inference reads case by case: the cases before the bad one keep their predictions, and the quality CSV of the
+    earlier run is not replaced by a partial one."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    shutil.rmtree(copy / "predictions")
+    quality = (copy / "quality.csv").read_bytes()
+    path = copy / "data" / "test" / "imagesTr" / "case_002.nii.gz"
+    damage("truncated", path)
+    log = run_failing(["inference.json"], copy, "--batch_size", "1")
+    assert f"cannot read image file {path}: " in log
+    assert sorted(p.name for p in (copy / "predictions").iterdir()) == ["case_000_seg.nii.gz", "case_001_seg.nii.gz"]
+    assert (copy / "quality.csv").read_bytes() == quality
+    assert not [p for p in copy.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]

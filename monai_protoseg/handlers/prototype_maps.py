@@ -1,0 +1,173 @@
+"""Ignite handler that keeps the prototype maps of every probed layer for the first cases of each validation epoch:
+``.npz`` snapshots for figures, and TensorBoard images."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine
+from monai.handlers import from_engine
+from monai.utils import CommonKeys
+from torch import nn
+
+from ..maps import MapSnapshot, save_snapshot, take_snapshot, tile_snapshot
+from ..protoseg import prototype_map
+from .probe import LayerProbeHandler, as_batch
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+__all__ = ["PrototypeMapHandler"]
+
+
+class PrototypeMapHandler(LayerProbeHandler):
+    """Prototype maps of every probed layer for the first ``num_cases`` cases of each evaluator epoch.
+
+    For each of those cases and each scored class, the prototypes of every layer are guided by the network's soft
+    output for that class (over the whole image; a ``SlidingWindowInferer`` is handled as by
+    :class:`~monai_protoseg.SAScoreHandler`), and a :class:`~monai_protoseg.maps.MapSnapshot` keeps the image, the
+    ground truth (when the output has a label), the prediction and the maps: the whole case in 2D, in 3D the slice
+    along the last axis with the most foreground (or ``slice_index``). Cases are taken in the order the evaluator
+    runs them, so the same cases come back every epoch when the loader does not shuffle; once ``num_cases`` are
+    kept, later batches cost nothing. In a distributed run, the cases are the first of rank ``save_rank``'s share.
+
+    After each epoch: ``self.snapshots`` holds the snapshots (plot them with
+    :func:`~monai_protoseg.maps.plot_prototype_maps`); with ``output_dir``, each is written atomically to
+    ``output_dir/{name}/{case}_{class}.npz`` (read it with :func:`~monai_protoseg.maps.read_snapshot`); with
+    ``summary_writer``, each is added as the image ``f"{name}/{case}/{class}"`` (image, ground truth, prediction, then
+    the layers' maps side by side, see :func:`~monai_protoseg.maps.tile_snapshot`) at step
+    ``global_iter_transform(engine.state.epoch)``: the trainer's epoch when a MONAI ``ValidationHandler`` runs the
+    evaluator.
+
+    Args:
+        layers: qualified names of the layers to probe (see :func:`~monai_protoseg.candidate_layers`).
+        network: the network; by default ``engine.network`` when the engine starts.
+        output_transform: gives ``(pred, label)`` from ``engine.state.output`` (MONAI ``from_engine`` style); when
+            the output has no label (a ``KeyError``, or ``None``), the snapshots have no ground truth and SA is
+            scored against the network's binarised prediction (argmax for softmax, ``> 0.5`` otherwise).
+        activation: ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
+        class_names: one name per scored class; default ``"class{index}"`` with the output channel index.
+        include_background: show output channel 0 too. A single-channel output is always shown.
+        image_key: the batch key of the image (``(B, C, *S)`` in ``engine.state.batch``), whose meta data names the
+            cases.
+        num_cases: how many cases to keep per epoch.
+        slice_index: the slice of 3D cases along the last axis; ``None``: the one with the most foreground.
+        output_dir: when given, the folder in which the ``name`` folder of ``.npz`` snapshots is written.
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (or a TensorBoardX one) to add the images to.
+        global_iter_transform: turns ``engine.state.epoch`` into the TensorBoard step (as in MONAI's
+            ``TensorBoardImageHandler``).
+        name: the folder of the snapshots and the prefix of the TensorBoard tags.
+        save_rank: the distributed rank that keeps, writes and logs the snapshots.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        network: nn.Module | None = None,
+        output_transform: Callable = from_engine([CommonKeys.PRED, CommonKeys.LABEL]),
+        activation: str | None = "sigmoid",
+        class_names: Sequence[str] | None = None,
+        include_background: bool = False,
+        image_key: str = CommonKeys.IMAGE,
+        num_cases: int = 2,
+        slice_index: int | None = None,
+        output_dir: str | os.PathLike | None = None,
+        summary_writer: SummaryWriter | None = None,
+        global_iter_transform: Callable[[int], int] = lambda x: x,
+        name: str = "prototype_maps",
+        save_rank: int = 0,
+    ) -> None:
+        if num_cases < 1:
+            raise ValueError(f"num_cases must be at least 1, got {num_cases}.")
+        super().__init__(layers, network, activation, class_names, include_background, image_key)
+        self.output_transform = output_transform
+        self.num_cases = num_cases
+        self.slice_index = slice_index
+        self.output_dir = None if output_dir is None else pathlib.Path(output_dir)
+        self.summary_writer = summary_writer
+        self.global_iter_transform = global_iter_transform
+        self.name = name
+        self.save_rank = save_rank
+        self.snapshots: list[MapSnapshot] = []
+        self._kept_cases = 0
+
+    def epoch_started(self, engine: Engine) -> None:
+        """Start collecting the epoch's first cases."""
+        super().epoch_started(engine)
+        self.snapshots = []
+        self._kept_cases = 0
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Take the snapshots of the batch's cases (case by case, each class) while fewer than ``num_cases`` are
+        kept."""
+        if self._kept_cases >= self.num_cases or idist.get_rank() != self.save_rank:
+            return
+        label = self._label(engine)
+        prob, features = self.probed_batch(None if label is None else label.shape[2:])
+        image = self._image(engine, prob)
+        self.record_case_names(engine, prob.shape[0])
+        count = min(self.num_cases - self._kept_cases, prob.shape[0])
+        cases = self._cases[-prob.shape[0]:][:count]
+        prediction = self.binarised(prob[:count])
+        label = None if label is None else self.one_hot_label(label[:count].to(prob.device), prob.shape[1])
+        maps = {  # (count, 1, *S) per class and layer
+            k: {layer: prototype_map(features[layer][:count], prob[:count, k:k + 1]) for layer in self.layers}
+            for k in self.class_indices
+        }
+        for b, case in enumerate(cases):
+            for k, class_name in zip(self.class_indices, self.class_labels()):
+                self.snapshots.append(take_snapshot(
+                    image[b],
+                    prob[b, k],
+                    {layer: value[b, 0] for layer, value in maps[k].items()},
+                    None if label is None else label[b, k],
+                    prediction=prediction[b, k],
+                    case=case,
+                    class_name=class_name,
+                    slice_index=self.slice_index,
+                ))
+        self._kept_cases += count
+
+    def epoch_completed(self, engine: Engine) -> None:
+        """Write the epoch's snapshots to ``output_dir`` and the summary writer."""
+        if idist.get_rank() != self.save_rank:
+            return
+        step = self.global_iter_transform(engine.state.epoch)
+        for snapshot in self.snapshots:
+            if self.output_dir is not None:
+                save_snapshot(self.output_dir / self.name / f"{snapshot.case}_{snapshot.class_name}.npz", snapshot)
+            if self.summary_writer is not None:
+                tag = f"{self.name}/{snapshot.case}/{snapshot.class_name}"
+                self.summary_writer.add_image(tag, tile_snapshot(snapshot), step, dataformats="CHW")
+        if self.summary_writer is not None:
+            self.summary_writer.flush()
+
+    def _label(self, engine: Engine) -> torch.Tensor | None:
+        """The batch's ``(B, 1 or K, *S)`` label from ``output_transform``, or ``None`` when the output has none."""
+        try:
+            _, label = self.output_transform(engine.state.output)
+        except KeyError:
+            return None
+        if label is None or (isinstance(label, (list, tuple)) and any(item is None for item in label)):
+            return None
+        return as_batch(label)
+
+    def _image(self, engine: Engine, prob: torch.Tensor) -> torch.Tensor:
+        """The batch's ``(B, C, *S)`` image (from a dict, or the list of dicts a MONAI engine decollates it to),
+        checked against ``prob``'s shape."""
+        batch = engine.state.batch
+        items = batch if isinstance(batch, (list, tuple)) else [batch]
+        if not all(isinstance(item, dict) and self.image_key in item for item in items):
+            raise KeyError(f"{type(self).__name__}: image_key {self.image_key!r} is not in the batch.")
+        image = as_batch(batch[self.image_key] if isinstance(batch, dict) else [item[self.image_key] for item in batch])
+        if image.shape[0] != prob.shape[0] or image.shape[2:] != prob.shape[2:]:
+            raise ValueError(
+                f"the image {tuple(image.shape)} and the network's output {tuple(prob.shape)} differ in batch or "
+                f"spatial size: {type(self).__name__} shows the image beside the prediction."
+            )
+        return image
