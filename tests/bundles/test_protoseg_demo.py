@@ -224,3 +224,23 @@ def test_a_corrupt_image_midway_through_inference_keeps_what_was_written(trained
     assert sorted(p.name for p in (copy / "predictions").iterdir()) == ["case_000_seg.nii.gz", "case_001_seg.nii.gz"]
     assert (copy / "quality.csv").read_bytes() == quality
     assert not [p for p in copy.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_tensorboard_has_sa_scalars_every_validation_and_prototype_map_images(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir, _ = trained
+    # the training run's file: later evaluate runs of this module add their own files to the folder
+    first = min((output_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda path: int(path.name.split(".")[3]))
+    events = EventAccumulator(str(first), size_guidance={"images": 0, "scalars": 0}).Reload()
+    layers = candidate_layers(network_def())
+    scalars, images = events.Tags()["scalars"], events.Tags()["images"]
+    for layer in layers:
+        # two training epochs with val_interval 1, then the final validation at the trainer's last epoch again
+        assert [event.step for event in events.Scalars(f"sa_{layer}")] == [1, 2, 2]
+    assert "train_loss" in scalars and "sa_mean" in scalars
+    assert sorted(images) == [f"prototype_maps/case_00{i}/foreground" for i in range(2)]
+    final = events.Images("prototype_maps/case_000/foreground")[-1]
+    assert final.step == 2 and final.width > final.height * (3 + len(layers)) * 0.9
+    snapshots = sorted(path.name for path in (output_dir / "prototype_maps").glob("*.npz"))
+    assert snapshots == ["case_000_foreground.npz", "case_001_foreground.npz"]
