@@ -1,24 +1,31 @@
-"""Figures and a Markdown report from the CSV files a run writes (``sa_layers.csv``, ``sa_units.csv``, quality CSVs).
+"""Figures and a report (Markdown and self-contained HTML) from the CSV files a run writes (``sa_layers.csv``,
+``sa_units.csv``, quality CSVs).
 
 Reading, plotting and writing are separate functions: ``read_*`` return plain data, ``plot_*`` return a matplotlib
-``Figure`` (made without pyplot, so no backend or global state is touched), :func:`write_report` saves the figures
-and ``report.md`` atomically.
+``Figure`` (made without pyplot, so no backend or global state is touched). The report is built once as a list of
+:class:`Section` (text, tables and PNG figures; one builder per section in :data:`SECTIONS`) and rendered by
+:func:`render_markdown` and :func:`render_html`; :func:`write_report` saves the figures, ``report.md`` and
+``report.html`` atomically.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import math
 import os
 import pathlib
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from .io import atomic_write_bytes, atomic_write_text
+from .maps import plot_prototype_maps, read_snapshot
 from .quality import QualityCalibration
 
 __all__ = [
@@ -31,8 +38,18 @@ __all__ = [
     "plot_unit_sa",
     "plot_quality",
     "layer_table",
-    "write_report",
     "save_figure",
+    "Paragraph",
+    "BulletList",
+    "Table",
+    "PNGImage",
+    "Section",
+    "RunFiles",
+    "SECTIONS",
+    "build_sections",
+    "render_markdown",
+    "render_html",
+    "write_report",
 ]
 
 
@@ -83,16 +100,24 @@ class QualityRows:
 
 
 def _read_rows(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str, str]]:
-    """The rows of a CSV file as dicts; ValueError naming the file and the missing columns otherwise."""
+    """The rows of a CSV file as dicts; ValueError naming the file when it is not that CSV."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}")
-    with open(path, newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        missing = [column for column in required if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} is not the expected CSV: it has no column(s) {', '.join(missing)}.")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            reader = csv.DictReader(stream)
+            missing = [column for column in required if column not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path} is not the expected CSV: it has no column(s) {', '.join(missing)}.")
+            rows = []
+            for row in reader:
+                if None in row or None in row.values():  # more or fewer cells than the header has columns
+                    raise ValueError(f"{path}, line {reader.line_num}: the number of cells differs from the header's "
+                                     f"{len(reader.fieldnames)} columns.")
+                rows.append(row)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path} is not a readable CSV file ({error}).") from error
     if not rows:
         raise ValueError(f"{path} has no rows.")
     return rows
@@ -248,112 +273,172 @@ def plot_quality(quality: QualityRows, calibration: QualityCalibration | None = 
     return figure
 
 
-def layer_table(scores: LayerScores) -> str:
-    """A Markdown table: per layer and class, mean, median and 25-75% range of SA over cases, and undefined cases."""
-    lines = ["| layer | class | mean SA | median | 25-75% | undefined |", "|---|---|---:|---:|---|---:|"]
-    for i, layer in enumerate(scores.layers):
-        for name in scores.class_names():
-            values = scores.of_class(name)[:, i]
-            defined = values[~np.isnan(values)]
-            if defined.size:
-                low, high = np.percentile(defined, [25, 75])
-                cells = f"{defined.mean():.3f} | {np.median(defined):.3f} | {low:.3f}-{high:.3f}"
-            else:
-                cells = "nan | nan | -"
-            lines.append(f"| `{layer}` | {name} | {cells} | {values.size - defined.size} |")
-    return "\n".join(lines)
-
-
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> pathlib.Path:
     """Save ``figure`` as PNG atomically.
 
     Returns:
         ``path`` as a ``pathlib.Path``.
     """
+    return atomic_write_bytes(path, _png(figure, dpi))
+
+
+def _png(figure: Figure, dpi: int = 110) -> bytes:
+    """``figure`` as PNG bytes."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def write_report(
-    run_dir: str | os.PathLike,
-    output_dir: str | os.PathLike | None = None,
-    *,
-    validation_quality: str = "quality_validation.csv",
-    inference_quality: str = "quality.csv",
-    active_threshold: float = 0.5,
-) -> pathlib.Path:
-    """Write the figures and ``report.md`` for the CSV files found in ``run_dir``.
+# The report is a list of sections built once from the run's files, then rendered to Markdown and to HTML. Text in
+# blocks is plain text in which `backticks` mark code (layer names, file names), in both renderings.
 
-    Reads ``sa_layers.csv`` (required), and when present ``sa_units.csv``, the validation quality CSV (with true
-    Dice; the calibration line is refitted from its rows, which is the fit ``MeanSAQualityHandler`` made) and the
-    inference quality CSV (with true Dice too when the held-out cases had labels, to show the estimate's error).
 
-    Args:
+@dataclass(frozen=True)
+class Paragraph:
+    """A paragraph of text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class BulletList:
+    """A bulleted list, one text per item."""
+
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table of text cells; ``right[i]`` aligns column ``i`` right (numbers)."""
+
+    header: list[str]
+    rows: list[list[str]]
+    right: list[bool]
+
+
+@dataclass(frozen=True)
+class PNGImage:
+    """A figure: saved as ``filename`` beside ``report.md``, embedded as a data URI in ``report.html``."""
+
+    filename: str
+    alt: str
+    png: bytes
+
+
+Block = Paragraph | BulletList | Table | PNGImage
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the report.
+
+    Attributes:
+        title: its heading.
+        summary: its key findings, one sentence each; the report's summary at the top collects them.
+        blocks: its content, in order.
+    """
+
+    title: str
+    summary: list[str]
+    blocks: list[Block]
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a section builder reads: the run folder and the report options.
+
+    Attributes:
         run_dir: the folder a run wrote its CSV files to.
-        output_dir: where the report goes; default ``run_dir/report``.
         validation_quality: file name of the quality CSV written during validation.
         inference_quality: file name of the quality CSV written at inference.
         active_threshold: unit SA above which a unit counts as active.
-
-    Returns:
-        the path of ``report.md``.
-
-    Raises:
-        FileNotFoundError: ``run_dir`` or its ``sa_layers.csv`` does not exist.
     """
-    run_dir = pathlib.Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"no run folder {run_dir}")
-    output_dir = run_dir / "report" if output_dir is None else pathlib.Path(output_dir)
-    scores = read_layer_scores(run_dir / "sa_layers.csv")
-    sections = [
-        "# ProtoSeg report",
-        f"Run folder: `{run_dir}`",
-        "## Layer-wise segmentation ability (validation, against the ground truth)",
-        _best_layers(scores),
-        layer_table(scores),
-        f"![layer-wise SA]({save_figure(plot_layer_sa(scores), output_dir / 'layer_sa.png').name})",
-    ]
-    if (run_dir / "sa_units.csv").is_file():
-        units = read_unit_scores(run_dir / "sa_units.csv")
-        sections += ["## Unit-wise segmentation ability", _active_units(units, active_threshold),
-                     f"![unit-wise SA]({save_figure(plot_unit_sa(units, active_threshold), output_dir / 'unit_sa.png').name})"]
-    if (run_dir / validation_quality).is_file():
-        quality = read_quality(run_dir / validation_quality)
-        fitted = _refit(quality)
-        sections += ["## Quality estimate: mean SA against true Dice (validation)", _quality_summary(quality, fitted)]
-        if quality.true_dice is not None:
-            figure = save_figure(plot_quality(quality, fitted), output_dir / "quality.png")
-            sections.append(f"![mean SA vs true Dice]({figure.name})")
-    if (run_dir / inference_quality).is_file():
-        sections += ["## Inference: estimated quality without ground truth",
-                     _inference_summary(read_quality(run_dir / inference_quality), inference_quality)]
-    return atomic_write_text(output_dir / "report.md", "\n\n".join(sections) + "\n")
+
+    run_dir: pathlib.Path
+    validation_quality: str = "quality_validation.csv"
+    inference_quality: str = "quality.csv"
+    active_threshold: float = 0.5
 
 
-def _best_layers(scores: LayerScores) -> str:
+def layer_table(scores: LayerScores) -> str:
+    """A Markdown table: per layer and class, mean, median and 25-75% range of SA over cases, and undefined cases."""
+    return _markdown_table(_layer_table(scores))
+
+
+def _layer_table(scores: LayerScores) -> Table:
+    rows = []
+    for i, layer in enumerate(scores.layers):
+        for name in scores.class_names():
+            values = scores.of_class(name)[:, i]
+            defined = values[~np.isnan(values)]
+            if defined.size:
+                low, high = np.percentile(defined, [25, 75])
+                cells = [f"{defined.mean():.3f}", f"{np.median(defined):.3f}", f"{low:.3f}-{high:.3f}"]
+            else:
+                cells = ["nan", "nan", "-"]
+            rows.append([f"`{layer}`", name, *cells, str(values.size - defined.size)])
+    header = ["layer", "class", "mean SA", "median", "25-75%", "undefined"]
+    return Table(header, rows, right=[False, False, True, True, False, True])
+
+
+def _layer_section(run: RunFiles) -> Section:
+    """Layer-wise SA from ``sa_layers.csv`` (required): best and worst layer per class, the table, the figure."""
+    path = run.run_dir / "sa_layers.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no SA results in {run.run_dir}: {path.name} is missing (SAScoreHandler(output_dir=...) writes it)."
+        )
+    scores = read_layer_scores(path)
+    return Section(
+        "Layer-wise segmentation ability (validation, against the ground truth)",
+        summary=_best_layers(scores),
+        blocks=[_layer_table(scores), PNGImage("layer_sa.png", "layer-wise SA", _png(plot_layer_sa(scores)))],
+    )
+
+
+def _best_layers(scores: LayerScores) -> list[str]:
+    """Per class, the layers with the highest and the lowest mean SA over cases."""
     lines = []
     for name in scores.class_names():
-        means = scores.of_class(name)
-        defined = ~np.isnan(means).all(axis=0)
+        values = scores.of_class(name)
+        defined = ~np.isnan(values).all(axis=0)
         if not defined.any():
-            lines.append(f"- class {name}: SA undefined in every layer.")
+            lines.append(f"Class {name}: SA undefined in every layer.")
             continue
-        mean = np.full(len(scores.layers), -np.inf)
-        mean[defined] = np.nanmean(means[:, defined], axis=0)
-        best = int(np.argmax(mean))
-        lines.append(f"- class {name}: best layer `{scores.layers[best]}` (mean SA {mean[best]:.3f}); "
-                     f"worst `{scores.layers[int(np.argmin(np.where(defined, mean, np.inf)))]}`.")
-    return "\n".join(lines)
+        mean = np.full(len(scores.layers), np.nan)
+        mean[defined] = np.nanmean(values[:, defined], axis=0)
+        best, worst = int(np.nanargmax(mean)), int(np.nanargmin(mean))
+        lines.append(f"Class {name} segments best at layer `{scores.layers[best]}` (mean SA {mean[best]:.3f}) and "
+                     f"worst at `{scores.layers[worst]}` ({mean[worst]:.3f}).")
+    return lines
 
 
-def _active_units(units: dict[tuple[str, str], np.ndarray], threshold: float) -> str:
-    lines = [f"Units with SA > {threshold:g} (active), per layer and class:", ""]
-    for (layer, name), values in units.items():
-        lines.append(f"- `{layer}`, {name}: {int((values > threshold).sum())} of {values.size} "
-                     f"({(values > threshold).mean():.0%})")
-    return "\n".join(lines)
+def _unit_section(run: RunFiles) -> Section | None:
+    """Unit-wise SA from ``sa_units.csv``: active units per layer and class, the figure."""
+    path = run.run_dir / "sa_units.csv"
+    if not path.is_file():
+        return None
+    units = read_unit_scores(path)
+    threshold = run.active_threshold
+    active = {key: int((values > threshold).sum()) for key, values in units.items()}
+    fraction = {key: active[key] / values.size for key, values in units.items()}
+
+    def count(key: tuple[str, str]) -> str:
+        return f"`{key[0]}`, {key[1]}: {active[key]} of {units[key].size} ({fraction[key]:.0%})"
+
+    most, fewest = max(fraction, key=fraction.get), min(fraction, key=fraction.get)
+    total = sum(values.size for values in units.values())
+    summary = (f"Active units (unit SA > {threshold:g}): {sum(active.values())} of {total} in all; most in "
+               f"{count(most)}; fewest in {count(fewest)}.")
+    return Section(
+        "Unit-wise segmentation ability",
+        summary=[summary],
+        blocks=[
+            Paragraph(f"Units with SA > {threshold:g} (active), per layer and class:"),
+            BulletList([count(key) for key in units]),
+            PNGImage("unit_sa.png", "unit-wise SA", _png(plot_unit_sa(units, threshold))),
+        ],
+    )
 
 
 def _refit(quality: QualityRows) -> QualityCalibration | None:
@@ -366,29 +451,219 @@ def _refit(quality: QualityRows) -> QualityCalibration | None:
         return None
 
 
-def _inference_summary(quality: QualityRows, filename: str) -> str:
+def _quality_section(run: RunFiles) -> Section | None:
+    """Mean SA against true Dice on the validation cases: Pearson r, the calibration and its errors, the figure."""
+    path = run.run_dir / run.validation_quality
+    if not path.is_file():
+        return None
+    title = "Quality estimate: mean SA against true Dice (validation)"
+    quality = read_quality(path)
+    if quality.true_dice is None:
+        return Section(title, summary=[], blocks=[Paragraph(f"`{path.name}` has no true Dice.")])
+    calibration = _refit(quality)
+    valid = ~(np.isnan(quality.mean_sa) | np.isnan(quality.true_dice))
+    summary = f"Mean SA against true Dice on {int(valid.sum())} validation case-class pairs"
+    if valid.sum() >= 2 and np.std(quality.mean_sa[valid]) > 0 and np.std(quality.true_dice[valid]) > 0:
+        summary += f": Pearson r {np.corrcoef(quality.mean_sa[valid], quality.true_dice[valid])[0, 1]:.3f}"
+    blocks: list[Block] = []
+    if calibration is None:
+        summary += "; no calibration could be fitted."
+    else:
+        summary += f"; calibration MAE {calibration.mae:.3f} in-sample, {calibration.loo_mae:.3f} leave-one-out."
+        blocks.append(Paragraph(f"Calibration fitted on {calibration.n_cases} case-class pairs: Dice ≈ "
+                                f"{calibration.slope:.3f} · mean SA {calibration.intercept:+.3f}."))
+    blocks.append(PNGImage("quality.png", "mean SA vs true Dice", _png(plot_quality(quality, calibration))))
+    return Section(title, summary=[summary], blocks=blocks)
+
+
+def _inference_section(run: RunFiles) -> Section | None:
+    """The inference rows: mean estimated Dice, the cases flagged for review, the estimate's error where checkable."""
+    path = run.run_dir / run.inference_quality
+    if not path.is_file():
+        return None
+    quality = read_quality(path)
     flagged = [f"{case} ({name})" for case, name, flag in zip(quality.cases, quality.classes, quality.review) if flag]
     calibrated = not np.isnan(quality.estimated_dice).all()
-    text = f"{len(quality.cases)} case-class rows in `{filename}`; mean SA {np.nanmean(quality.mean_sa):.3f}"
-    text += f", mean estimated Dice {np.nanmean(quality.estimated_dice):.3f}" if calibrated else " (no calibration: mean SA only)"
-    text += f"; {len(flagged)} flagged for review" + (f": {', '.join(flagged)}." if flagged else ".")
+    findings = (f"mean SA {np.nanmean(quality.mean_sa):.3f}, "
+                + (f"mean estimated Dice {np.nanmean(quality.estimated_dice):.3f}" if calibrated
+                   else "no calibration (mean SA only)")
+                + f"; {len(flagged)} flagged for review")
+    summary = f"Inference on {len(quality.cases)} case-class rows: {findings}"
+    blocks: list[Block] = [Paragraph(f"{len(quality.cases)} case-class rows in `{path.name}`: {findings}"
+                                     + (f": {', '.join(flagged)}." if flagged else "."))]
     if quality.true_dice is not None and calibrated and not np.isnan(quality.true_dice).all():
         valid = ~(np.isnan(quality.estimated_dice) | np.isnan(quality.true_dice))
         error = np.abs(quality.estimated_dice[valid] - quality.true_dice[valid])
-        text += (f"\n\nThese held-out cases have ground truth, so the estimate can be checked: over {int(valid.sum())} "
-                 f"rows, mean absolute error of the estimated Dice {error.mean():.3f} (max {error.max():.3f}); true "
-                 f"Dice ranges {np.nanmin(quality.true_dice):.3f}-{np.nanmax(quality.true_dice):.3f}.")
-    return text
+        summary += f"; against their true Dice, off by {error.mean():.3f} on average (max {error.max():.3f})"
+        blocks.append(Paragraph(
+            f"These held-out cases have ground truth, so the estimate can be checked: over {int(valid.sum())} rows, "
+            f"mean absolute error of the estimated Dice {error.mean():.3f} (max {error.max():.3f}); true Dice ranges "
+            f"{np.nanmin(quality.true_dice):.3f}-{np.nanmax(quality.true_dice):.3f}."))
+    return Section("Inference: estimated quality without ground truth", summary=[summary + "."], blocks=blocks)
 
 
-def _quality_summary(quality: QualityRows, calibration: QualityCalibration | None) -> str:
-    if quality.true_dice is None:
-        return "The validation quality CSV has no true Dice."
-    valid = ~(np.isnan(quality.mean_sa) | np.isnan(quality.true_dice))
-    text = f"{int(valid.sum())} case-class pairs with defined mean SA and true Dice"
-    if valid.sum() >= 2 and np.std(quality.mean_sa[valid]) > 0 and np.std(quality.true_dice[valid]) > 0:
-        text += f"; Pearson r {np.corrcoef(quality.mean_sa[valid], quality.true_dice[valid])[0, 1]:.3f}"
-    if calibration is not None:
-        text += (f". Calibration: Dice ≈ {calibration.slope:.3f} · mean SA {calibration.intercept:+.3f}, "
-                 f"in-sample MAE {calibration.mae:.3f}, leave-one-out MAE {calibration.loo_mae:.3f}")
-    return text + "."
+def _prototype_map_section(run: RunFiles) -> Section | None:
+    """The prototype maps ``PrototypeMapHandler(output_dir=...)`` saved in ``prototype_maps/``: one figure."""
+    paths = sorted((run.run_dir / "prototype_maps").glob("*.npz"))
+    if not paths:
+        return None
+    snapshots = [read_snapshot(path) for path in paths]
+    cases = ", ".join(dict.fromkeys(f"`{snapshot.case}`" for snapshot in snapshots))
+    return Section(
+        "Prototype maps",
+        summary=[f"Prototype maps of {len(snapshots[0].layers)} layers are shown for {len(snapshots)} case-class "
+                 f"pair(s): {cases}."],
+        blocks=[
+            Paragraph("Each row: the image, the ground truth, the network's soft prediction, then every probed layer's "
+                      "prototype map (soft, with its 0.5 contour: the binary ProtoSeg map) and its SA over the whole "
+                      "case. 3D cases show the slice with the most foreground."),
+            PNGImage("prototype_maps.png", "prototype maps", _png(plot_prototype_maps(snapshots), dpi=80)),
+        ],
+    )
+
+
+SECTIONS: list[Callable[[RunFiles], Section | None]] = [_layer_section, _unit_section, _prototype_map_section,
+                                                        _quality_section, _inference_section]
+"""The report's section builders, in report order. Each returns its section, or ``None`` when its files are absent;
+a new section is one more builder in this list."""
+
+
+def build_sections(run: RunFiles) -> list[Section]:
+    """The report's sections for ``run``, a summary of their findings first.
+
+    Args:
+        run: the run folder and the report options.
+
+    Returns:
+        the sections, in report order.
+
+    Raises:
+        FileNotFoundError: ``run.run_dir`` or its ``sa_layers.csv`` does not exist. ValueError: a CSV file is not
+            the expected one (the message names it).
+    """
+    if not run.run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder {run.run_dir}")
+    sections = [section for build in SECTIONS if (section := build(run)) is not None]
+    findings = [line for section in sections for line in section.summary]
+    return [Section("Summary", summary=[], blocks=[BulletList(findings)]), *sections]
+
+
+def render_markdown(sections: Sequence[Section], run_dir: str | os.PathLike) -> str:
+    """The report as Markdown; figures are linked by file name (saved beside it by :func:`write_report`)."""
+    parts = ["# ProtoSeg report", f"Run folder: `{run_dir}`"]
+    for section in sections:
+        parts.append(f"## {section.title}")
+        parts += [_markdown_block(block) for block in section.blocks]
+    return "\n\n".join(parts) + "\n"
+
+
+def _markdown_block(block: Block) -> str:
+    if isinstance(block, Paragraph):
+        return block.text
+    if isinstance(block, BulletList):
+        return "\n".join(f"- {item}" for item in block.items)
+    if isinstance(block, Table):
+        return _markdown_table(block)
+    return f"![{block.alt}]({block.filename})"
+
+
+def _markdown_table(table: Table) -> str:
+    lines = ["| " + " | ".join(table.header) + " |", "|" + "|".join("---:" if r else "---" for r in table.right) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table.rows])
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:64rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
+    "table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ccc;padding:.2rem .5rem}"
+    "th{background:#f3f3f3}td.number{text-align:right}code{background:#f3f3f3;padding:0 .2rem}"
+    "img{max-width:100%;height:auto}figure{margin:1rem 0}"
+)
+
+
+def render_html(sections: Sequence[Section], run_dir: str | os.PathLike) -> str:
+    """The report as one self-contained HTML5 page: figures embedded as base64 PNG data URIs, the style inline."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>ProtoSeg report: {html.escape(pathlib.Path(run_dir).name)}</title>",
+        f"<style>{_STYLE}</style>",
+        "</head>",
+        "<body>",
+        "<h1>ProtoSeg report</h1>",
+        f"<p>Run folder: <code>{html.escape(str(run_dir))}</code></p>",
+    ]
+    for section in sections:
+        parts += ["<section>", f"<h2>{_inline_html(section.title)}</h2>"]
+        parts += [_html_block(block) for block in section.blocks]
+        parts.append("</section>")
+    parts += ["</body>", "</html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    """``text`` escaped, with `backtick` spans as ``<code>``."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
+def _html_block(block: Block) -> str:
+    if isinstance(block, Paragraph):
+        return f"<p>{_inline_html(block.text)}</p>"
+    if isinstance(block, BulletList):
+        return "<ul>\n" + "\n".join(f"<li>{_inline_html(item)}</li>" for item in block.items) + "\n</ul>"
+    if isinstance(block, Table):
+        return _html_table(block)
+    data = base64.b64encode(block.png).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block.alt)}"></figure>'
+
+
+def _html_table(table: Table) -> str:
+    header = "".join(f"<th>{_inline_html(text)}</th>" for text in table.header)
+    rows = []
+    for row in table.rows:
+        cells = (f'<td class="number">{_inline_html(text)}</td>' if right else f"<td>{_inline_html(text)}</td>"
+                 for text, right in zip(row, table.right))
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return "\n".join(["<table>", f"<thead><tr>{header}</tr></thead>", "<tbody>", *rows, "</tbody>", "</table>"])
+
+
+def write_report(
+    run_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    validation_quality: str = "quality_validation.csv",
+    inference_quality: str = "quality.csv",
+    active_threshold: float = 0.5,
+) -> pathlib.Path:
+    """Write the figures, ``report.md`` and the self-contained ``report.html`` for the CSV files found in ``run_dir``.
+
+    Reads ``sa_layers.csv`` (required), and when present ``sa_units.csv``, the validation quality CSV (with true
+    Dice; the calibration line is refitted from its rows, which is the fit ``MeanSAQualityHandler`` made) and the
+    inference quality CSV (with true Dice too when the held-out cases had labels, to show the estimate's error).
+    The sections are those of :data:`SECTIONS`.
+
+    Args:
+        run_dir: the folder a run wrote its CSV files to.
+        output_dir: where the report goes; default ``run_dir/report``.
+        validation_quality: file name of the quality CSV written during validation.
+        inference_quality: file name of the quality CSV written at inference.
+        active_threshold: unit SA above which a unit counts as active.
+
+    Returns:
+        the path of ``report.md``; ``report.html`` is beside it.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` or its ``sa_layers.csv`` does not exist. ValueError: a CSV file is not the
+            expected one (the message names it).
+    """
+    run = RunFiles(pathlib.Path(run_dir), validation_quality, inference_quality, active_threshold)
+    output_dir = run.run_dir / "report" if output_dir is None else pathlib.Path(output_dir)
+    sections = build_sections(run)
+    for section in sections:
+        for block in section.blocks:
+            if isinstance(block, PNGImage):
+                atomic_write_bytes(output_dir / block.filename, block.png)
+    atomic_write_text(output_dir / "report.html", render_html(sections, run.run_dir))
+    return atomic_write_text(output_dir / "report.md", render_markdown(sections, run.run_dir))

@@ -1,15 +1,25 @@
-"""Reports from run CSVs: readers, table numbers, figures, the Markdown report, errors naming the file."""
+"""Reports from run CSVs: readers, table numbers, figures, the Markdown and HTML reports built from one set of
+sections, errors naming the file."""
 
 from __future__ import annotations
 
+import html
 import math
+import re
 
 import numpy as np
+import torch
 import pytest
 
-from monai_protoseg import QualityCalibration
+from monai_protoseg import QualityCalibration, report
 from monai_protoseg.io import atomic_write_csv
 from monai_protoseg.report import (
+    BulletList,
+    Paragraph,
+    PNGImage,
+    RunFiles,
+    Section,
+    build_sections,
     layer_table,
     plot_layer_sa,
     plot_quality,
@@ -17,6 +27,8 @@ from monai_protoseg.report import (
     read_layer_scores,
     read_quality,
     read_unit_scores,
+    render_html,
+    render_markdown,
     write_report,
 )
 
@@ -93,7 +105,8 @@ def test_report_without_optional_files(tmp_path):
     (tmp_path / "quality_validation.csv").unlink()
     text = write_report(tmp_path, tmp_path / "elsewhere").read_text()
     assert "Unit-wise" not in text and "Inference" not in text and "Quality" not in text
-    assert sorted(path.name for path in (tmp_path / "elsewhere").iterdir()) == ["layer_sa.png", "report.md"]
+    assert sorted(path.name for path in (tmp_path / "elsewhere").iterdir()) == ["layer_sa.png", "report.html",
+                                                                                 "report.md"]
 
 
 def test_errors_name_the_file(tmp_path):
@@ -110,9 +123,75 @@ def test_errors_name_the_file(tmp_path):
     atomic_write_csv(tmp_path / "sa_layers.csv", ["case", "class", "enc"], [])
     with pytest.raises(ValueError, match="has no rows"):
         read_layer_scores(tmp_path / "sa_layers.csv")
+    atomic_write_csv(tmp_path / "sa_layers.csv", ["case", "class", "enc"], [["c0", "pz", "0.5"], ["c1", "pz"]])
+    with pytest.raises(ValueError, match=r"sa_layers.csv, line 3: the number of cells differs from the header's 3"):
+        read_layer_scores(tmp_path / "sa_layers.csv")
+    (tmp_path / "sa_units.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    with pytest.raises(ValueError, match="sa_units.csv is not a readable CSV file"):
+        read_unit_scores(tmp_path / "sa_units.csv")
     assert math.isnan(read_quality(write_quality_nan(tmp_path)).mean_sa[0])
 
 
 def write_quality_nan(folder):
     return atomic_write_csv(folder / "q.csv", ["case", "class", "mean_sa", "estimated_dice", "review", "note"],
                             [["c0", "fg", "nan", "nan", "True", "empty prediction: SA undefined"]])
+
+
+def page_text(page: str) -> str:
+    """The text of an HTML page: tags dropped, entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "", page))
+
+
+def test_markdown_and_html_render_the_same_sections(tmp_path):
+    write_run(tmp_path)
+    sections = build_sections(RunFiles(tmp_path))
+    assert [section.title for section in sections] == [
+        "Summary", "Layer-wise segmentation ability (validation, against the ground truth)",
+        "Unit-wise segmentation ability", "Quality estimate: mean SA against true Dice (validation)",
+        "Inference: estimated quality without ground truth"]
+    findings = sections[0].blocks[0].items
+    assert findings == [line for section in sections[1:] for line in section.summary] and len(findings) == 5
+    markdown, page = render_markdown(sections, tmp_path), render_html(sections, tmp_path)
+    text = page_text(page)
+    for line in findings:
+        assert f"- {line}" in markdown.splitlines()
+        assert line.replace("`", "") in text
+    assert "<code>enc</code>, pz: 2 of 8 (25%)</li>" in page
+
+
+def test_a_new_section_is_one_more_builder(tmp_path, monkeypatch):
+    write_run(tmp_path, units=False, inference=False)
+    png = (write_report(tmp_path).parent / "layer_sa.png").read_bytes()
+
+    def prototype_maps(run: RunFiles) -> Section:
+        return Section("Prototype maps", summary=["2 maps of `dec` <drawn>."],
+                       blocks=[Paragraph("Maps & more."), BulletList(["`a`"]), PNGImage("maps.png", "maps", png)])
+
+    monkeypatch.setattr(report, "SECTIONS", [*report.SECTIONS, prototype_maps])
+    markdown = write_report(tmp_path)
+    text, page = markdown.read_text(), markdown.with_name("report.html").read_text()
+    assert text.endswith("## Prototype maps\n\nMaps & more.\n\n- `a`\n\n![maps](maps.png)\n")
+    assert "- 2 maps of `dec` <drawn>." in text
+    assert "<li>2 maps of <code>dec</code> &lt;drawn&gt;.</li>" in page and "<h2>Prototype maps</h2>" in page
+    assert "<p>Maps &amp; more.</p>" in page and page.count("data:image/png;base64,") == 3
+    assert (markdown.parent / "maps.png").read_bytes() == png
+
+
+def test_prototype_map_snapshots_become_a_section_with_one_figure(tmp_path):
+    from monai_protoseg import save_snapshot, take_snapshot
+
+    write_run(tmp_path, units=False, inference=False)
+    generator = torch.Generator().manual_seed(0)
+    for case in ("c0", "c1"):
+        prob = torch.rand(16, 16, generator=generator)
+        maps = {layer: torch.rand(16, 16, generator=generator) for layer in LAYERS}
+        snapshot = take_snapshot(torch.rand(1, 16, 16, generator=generator), prob, maps, prob > 0.5, case=case,
+                                 class_name="pz")
+        save_snapshot(tmp_path / "prototype_maps" / f"{case}_pz.npz", snapshot)
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert "## Prototype maps" in text and "2 case-class pair(s): `c0`, `c1`" in text
+    assert "![prototype maps](prototype_maps.png)" in text
+    assert (report.parent / "prototype_maps.png").read_bytes()[:4] == b"\x89PNG"
+    page = (report.parent / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # layer-wise, prototype maps, quality

@@ -1,0 +1,332 @@
+"""The ``monai-protoseg`` command line (also ``python -m monai_protoseg``).
+
+Commands:
+
+- ``report RUN_DIR``: the figures, ``report.md`` and a self-contained ``report.html`` from the CSV files of a run.
+- ``layers BUNDLE_OR_CONFIG``: the blocks of a bundle's network with their output shapes, the layers that
+  ``candidate_layers`` and ``last_decoder_layers`` choose marked.
+- ``demo [BUNDLE OPTIONS]``: the demo bundle, as ``make demo`` runs it, with bundle options passed on.
+
+An error a user can fix (a missing folder or file, a malformed CSV, a config whose network cannot be built, a bad
+option) prints one line, ``monai-protoseg: error: ...``, to stderr and exits with status 1 (2 for a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import torch
+from monai.bundle import ConfigParser
+from monai.utils import safe_eval
+from torch import nn
+
+from .recorder import candidate_layers, last_decoder_layers
+from .report import write_report
+
+__all__ = ["main", "build_parser", "demo_command", "parse_shape", "output_shapes", "layer_table", "DEMO_BUNDLE"]
+
+PROG = "monai-protoseg"
+DEMO_BUNDLE = pathlib.Path(__file__).resolve().parents[1] / "bundles" / "protoseg_demo"
+"""The demo bundle of the repository checkout (the package is installed editable)."""
+MAX_SIZE_FACTOR = 3
+"""``layers`` tries ``n = 1, 2, ...`` up to this in metadata spatial shapes such as ``"16*n"``."""
+
+
+class CLIError(Exception):
+    """An error the user can fix; :func:`main` prints its message as one line."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``monai-protoseg`` and its subcommands."""
+    parser = _ArgumentParser(prog=PROG, description="ProtoSeg segmentation-ability (SA) tools for MONAI networks.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    report = commands.add_parser(
+        "report", help="write report.html (self-contained), report.md and figures from a run's CSV files",
+        description="Write the figures, report.md and a self-contained report.html (figures embedded) from the CSV "
+                    "files a run wrote: sa_layers.csv (required), sa_units.csv, quality_validation.csv, quality.csv.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the folder the run wrote its CSV files to")
+    report.add_argument("--output-dir", metavar="D", help="where the report goes (default: RUN_DIR/report)")
+    report.add_argument("--active-threshold", type=float, default=0.5, metavar="T",
+                        help="unit SA above which a unit counts as active (default: 0.5)")
+    report.set_defaults(handler=_report)
+
+    layers = commands.add_parser(
+        "layers", help="list a bundle network's layers with output shapes, marking the layers SA probes",
+        description="Build the network of a bundle (configs/inference.json, else configs/train.json) or of a config "
+                    "file, run one forward pass on the smallest input its metadata allows (or --shape), and list "
+                    "its blocks down to the candidate layers with their output shapes. Marks: SA = candidate_layers "
+                    "(the default SA layers), quality = last_decoder_layers (the default layers of the mean-SA "
+                    "quality estimate).")
+    layers.add_argument("source", metavar="BUNDLE_OR_CONFIG", help="a bundle folder, or a config file (json/yaml)")
+    layers.add_argument("--shape", metavar="C,H,W[,D]",
+                        help="input shape without the batch, such as 1,64,64 (default: from metadata.json)")
+    layers.add_argument("--network-id", default="network_def", metavar="ID",
+                        help="id of the network in the config (default: network_def)")
+    layers.add_argument("--all", action="store_true",
+                        help="list every module, single layers and the parts of the candidate layers too")
+    layers.set_defaults(handler=_layers)
+
+    demo = commands.add_parser(
+        "demo", allow_abbrev=False, help="run the demo bundle (as make demo); other options go to the bundle",
+        usage=f"{PROG} demo [-h] [--bundle-root DIR] [BUNDLE OPTIONS ...]",
+        description="Run the demo bundle with python -m monai.bundle run, as make demo does. Every other option "
+                    "goes to the bundle, such as --epochs 10 --output_dir /tmp/demo --device cpu (put -- before "
+                    "bundle options that clash with these).")
+    demo.add_argument("--bundle-root", default=str(DEMO_BUNDLE), metavar="DIR",
+                      help=f"the demo bundle folder (default: {DEMO_BUNDLE})")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``monai-protoseg``.
+
+    Args:
+        argv: the arguments, without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        the exit status: 0 on success, 1 on an error, 2 on a usage error; ``demo`` returns the bundle run's status.
+    """
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "demo":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as stop:  # --help, or a usage error already printed
+        return int(stop.code or 0)
+    args.bundle_args = extra[1:] if extra[:1] == ["--"] else extra
+    try:
+        return args.handler(args)
+    except (CLIError, OSError, ValueError) as error:
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    if not 0 <= args.active_threshold <= 1:
+        raise CLIError(f"--active-threshold must be between 0 and 1, got {args.active_threshold:g}")
+    markdown = write_report(args.run_dir, args.output_dir, active_threshold=args.active_threshold)
+    print(f"wrote {markdown.with_name('report.html')} and {markdown} (figures beside them)")
+    return 0
+
+
+def _layers(args: argparse.Namespace) -> int:
+    given = parse_shape(args.shape) if args.shape else None
+    config, bundle_root, metadata = _locate(pathlib.Path(args.source))
+    network = _build_network(config, bundle_root, args.network_id)
+    candidates = [(1, *given)] if given else _metadata_shapes(metadata, config)
+    input_shape, shapes, output = _first_run(network, candidates, f"{args.network_id} of {config}")
+    result = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    print(f"{config}: {args.network_id} = {type(network).__name__}, input {input_shape} -> output {result}")
+    print(layer_table(network, shapes, show_all=args.all))
+    return 0
+
+
+def _first_run(
+    network: nn.Module, candidates: list[tuple[int, ...]], what: str
+) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]], object]:
+    """The first input shape of ``candidates`` the network runs on, with its output shapes and output."""
+    failure: Exception | None = None
+    for shape in candidates:
+        try:
+            return (shape, *output_shapes(network, torch.rand(shape)))
+        except Exception as error:  # too small for the network, or it cannot run at all: try the next size
+            failure = error
+    tried = " or ".join(str(shape) for shape in candidates)
+    raise CLIError(f"{what} does not run on input {tried} ({type(failure).__name__}: {failure}); give an input "
+                   f"shape with --shape C,H,W[,D]")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    bundle_root = pathlib.Path(args.bundle_root)
+    if not (bundle_root / "configs" / "train.json").is_file():
+        raise CLIError(f"no demo bundle at {bundle_root} (no configs/train.json); give its folder with --bundle-root")
+    command = demo_command(bundle_root, args.bundle_args)
+    print(f"running: {shlex.join(command)}", flush=True)
+    try:
+        return subprocess.run(command, check=False).returncode
+    except KeyboardInterrupt:  # Ctrl-C reached the bundle run too, which reports it; no traceback from here
+        return 130
+
+
+def demo_command(bundle_root: str | pathlib.Path, bundle_args: Sequence[str] = ()) -> list[str]:
+    """The command ``make demo`` runs: ``python -m monai.bundle run`` on the bundle's ``configs/train.json``.
+
+    Args:
+        bundle_root: the demo bundle folder.
+        bundle_args: bundle options, such as ``["--epochs", "2", "--output_dir", "/tmp/demo"]``.
+
+    Returns:
+        the command line, starting with this Python interpreter.
+    """
+    bundle_root = pathlib.Path(bundle_root)
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle_root / "configs" / "train.json"),
+            "--bundle_root", str(bundle_root), *bundle_args]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,64,64"`` as ``(1, 64, 64)``: channels, then 1 to 3 spatial sizes, all positive.
+
+    Raises:
+        CLIError: anything else.
+    """
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not 2 <= len(shape) <= 4 or min(shape) < 1:
+        raise CLIError(f"bad --shape {text!r}: expected C,H,W[,D], positive integers such as 1,64,64")
+    return shape
+
+
+def _locate(source: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path | None]:
+    """The config file, the bundle root and the metadata file (``None`` if there is none) of a bundle or config."""
+    if source.is_dir():
+        configs = source / "configs"
+        config = next((configs / name for name in ("inference.json", "train.json") if (configs / name).is_file()), None)
+        if config is None:
+            raise CLIError(f"{source} is not a bundle folder: it has no configs/inference.json or configs/train.json")
+        bundle_root = source
+    elif source.is_file():
+        config = source
+        bundle_root = source.parent.parent if source.parent.name == "configs" else source.parent
+    else:
+        raise CLIError(f"no bundle folder or config file {source}")
+    metadata = config.parent / "metadata.json"
+    return config, bundle_root, metadata if metadata.is_file() else None
+
+
+def _build_network(config: pathlib.Path, bundle_root: pathlib.Path, network_id: str) -> nn.Module:
+    """Instantiate ``network_id`` of ``config`` alone (nothing else is built, no data read), in eval mode."""
+    parser = ConfigParser()
+    try:
+        parser.read_config(config)
+    except Exception as error:  # JSON/YAML syntax, unknown file type, no YAML package; the first line says which
+        first_line = str(error).partition("\n")[0] or type(error).__name__
+        raise CLIError(f"cannot read {config}: {first_line}") from error
+    if network_id not in parser:
+        raise CLIError(f"{config} has no {network_id!r} (the network's id; choose another with --network-id)")
+    parser["bundle_root"] = str(bundle_root)
+    try:
+        network = parser.get_parsed_content(network_id)
+    except Exception as error:  # whatever the network's constructor or a referenced expression raises
+        cause = error.__cause__ or error  # MONAI wraps a failed instantiation in a RuntimeError "from" the cause
+        raise CLIError(f"cannot build {network_id} of {config}: {type(cause).__name__}: {cause}") from error
+    if not isinstance(network, nn.Module):
+        raise CLIError(f"{network_id} of {config} is a {type(network).__name__}, not a torch.nn.Module")
+    return network.eval()
+
+
+def _metadata_shapes(metadata: pathlib.Path | None, config: pathlib.Path) -> list[tuple[int, ...]]:
+    """Input shapes ``(1, C, *S)`` from ``network_data_format.inputs.image``, smallest first.
+
+    Sizes such as ``"16*n"`` are evaluated with ``n = 1, 2, ..., MAX_SIZE_FACTOR`` (``p`` too, as in MONAI's
+    ``verify_net_in_out``): the smallest one may still be too small for the network (an instance norm needs more
+    than one voxel at the bottleneck), so the caller tries them in order.
+    """
+    if metadata is None:
+        raise CLIError(f"no metadata.json beside {config}: give the input shape with --shape C,H,W[,D]")
+    try:
+        image = ConfigParser.load_config_file(metadata)["network_data_format"]["inputs"]["image"]
+        channels, spatial = int(image["num_channels"]), list(image["spatial_shape"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CLIError(f"{metadata} has no network_data_format.inputs.image with num_channels and spatial_shape "
+                       f"({type(error).__name__}: {error}); give the input shape with --shape C,H,W[,D]") from error
+    factors = range(1, MAX_SIZE_FACTOR + 1) if any(isinstance(size, str) for size in spatial) else [1]
+    try:
+        return [(1, channels, *(int(safe_eval(str(size), {"n": k, "p": k})) for size in spatial)) for k in factors]
+    except Exception as error:  # SyntaxError, NameError, or an unsafe expression
+        raise CLIError(f"cannot evaluate spatial_shape {spatial} of {metadata} ({error}); give the input shape with "
+                       f"--shape C,H,W[,D]") from error
+
+
+def output_shapes(network: nn.Module, sample: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], object]:
+    """Run ``network`` once on ``sample`` (no gradients) and record the output shape of every submodule.
+
+    Plain forward hooks, removed afterwards whatever happens; only tensor outputs are recorded (a block returning a
+    list or tuple, such as an encoder feeding skip connections, is left out).
+
+    Args:
+        network: the network, in the mode it should run in.
+        sample: its input.
+
+    Returns:
+        ``{qualified name: output shape}`` of the submodules that ran, and the network's output.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                shapes[name] = tuple(output.shape)
+
+        return record
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in network.named_modules() if name]
+    try:
+        with torch.no_grad():
+            output = network(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes, output
+
+
+def layer_table(network: nn.Module, shapes: dict[str, tuple[int, ...]], *, show_all: bool = False) -> str:
+    """A text table of the network's modules: qualified name (indented under its listed parent), type, output
+    shape, and ``SA`` / ``quality`` for the layers :func:`candidate_layers` / :func:`last_decoder_layers` choose.
+
+    By default, in registration order, the candidate layers and the blocks (modules with children) outside them: the
+    network's skeleton down to the probed layers, which is what one chooses layers from. Single layers
+    (convolution, norm, activation) and the parts of a candidate layer would multiply the list by 5 to 20;
+    ``show_all`` lists them too.
+
+    Args:
+        network: the network.
+        shapes: output shapes by qualified name (see :func:`output_shapes`); modules without one are left out.
+        show_all: list every module with an output shape.
+
+    Returns:
+        the table, then a legend.
+    """
+    candidates = candidate_layers(network)
+    try:
+        quality = last_decoder_layers(network)
+    except ValueError:  # fewer than three candidate layers: no quality default
+        quality = []
+    modules = dict(network.named_modules())
+    inside_candidate = tuple(f"{name}." for name in candidates)
+
+    def listed_by_default(name: str, module: nn.Module) -> bool:
+        is_block = any(True for _ in module.children())
+        return name in candidates or (is_block and not name.startswith(inside_candidate))
+
+    listed = [name for name, module in modules.items()
+              if name in shapes and (show_all or listed_by_default(name, module))]
+    rows = [("layer", "type", "output shape", "probe")]
+    for name in listed:
+        depth = sum(name.startswith(f"{parent}.") for parent in listed)
+        marks = ", ".join(mark for mark, names in (("SA", candidates), ("quality", quality)) if name in names)
+        rows.append(("  " * depth + name, type(modules[name]).__name__, str(shapes[name]), marks))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    hidden = sum(1 for name in shapes if name not in listed)
+    lines += ["", f"SA: chosen by candidate_layers ({len(candidates)} layers, the default SA layers); quality: chosen "
+                  f"by last_decoder_layers ({len(quality)} layers, the mean-SA quality estimate's default)."]
+    if hidden:
+        lines.append(f"{hidden} more modules (single layers, parts of the SA layers) are not listed; --all lists them.")
+    return "\n".join(lines)
