@@ -17,17 +17,20 @@ $(INSTALLED): pyproject.toml constraints.txt
 
 # The main job: the self-contained demo bundle (synthetic data, training, SA, quality estimate, report).
 # Extra bundle options: make demo DEMO_ARGS="--epochs 10 --output_dir /tmp/demo"
+# `monai-protoseg demo` runs: python -m monai.bundle run --config_file bundles/protoseg_demo/configs/train.json
+#     --bundle_root bundles/protoseg_demo $(DEMO_ARGS)
 demo: $(INSTALLED)
-	$(BIN)/python -m monai.bundle run --config_file bundles/protoseg_demo/configs/train.json \
-		--bundle_root bundles/protoseg_demo $(DEMO_ARGS)
+	$(BIN)/monai-protoseg demo $(DEMO_ARGS)
 
 # pytest exits with 5 when it collects no test; that is reported, not treated as a crash.
 test: $(INSTALLED)
 	$(BIN)/python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
+# Every benchmark in one run (about 10 minutes on 2 CPU cores); writes and prints benchmarks/RESULTS.md.
+# Options: make bench BENCH_ARGS="--only core,scaling"; a smoke run: BENCH_ARGS="--quick --output /tmp/bench.md"
 bench: $(INSTALLED)
-	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/run_all.py --output benchmarks/RESULTS.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

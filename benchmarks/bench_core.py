@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.nets import UNet
@@ -26,8 +25,25 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.results import BenchmarkResult, Check, Table, command, machine_line, number  # noqa: E402
 from monai_protoseg import FeatureRecorder, candidate_layers, sa_score  # noqa: E402
 from tests.naive_protoseg import naive_sa_score  # noqa: E402
+
+CHANNELS = (16, 32, 64, 128, 256)
+"""Channels of the benchmarks' 3D UNet, input to bottleneck."""
+
+
+def unet_3d(device: torch.device) -> UNet:
+    """The benchmarks' 3D UNet (channels ``CHANNELS``, strides 2, two residual units), seeded, in eval mode."""
+    torch.manual_seed(0)
+    return UNet(3, 1, 1, channels=CHANNELS, strides=(2, 2, 2, 2), num_res_units=2).to(device).eval()
+
+
+def record_features(network: torch.nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs of every candidate layer of ``network`` for ``image``: one forward pass without gradients."""
+    with torch.no_grad(), FeatureRecorder(network, candidate_layers(network)) as recorder:
+        network(image)
+    return recorder.features
 
 
 def synthetic_case(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,55 +89,62 @@ def extra_peak_bytes(function: Callable[[], object], device: torch.device) -> in
     return peak
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=96, help="edge of the cubic input volume (default 96)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the best is kept")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    return parser
+
+
+def run(argv: Sequence[str] = ()) -> BenchmarkResult:
+    """Run the benchmark with the command-line arguments ``argv``: times, extra peaks and their ratios."""
+    args = parser().parse_args(argv)
+    start = time.perf_counter()
     device = torch.device(args.device)
-
-    torch.manual_seed(0)
-    network = UNet(3, 1, 1, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2).to(device).eval()
+    network = unet_3d(device)
     image, prob, target = synthetic_case(args.size, device)
-    layers = candidate_layers(network)
-    with torch.no_grad(), FeatureRecorder(network, layers) as recorder:
-        network(image)
-    features = recorder.features
-
-    runs = {
-        "naive layer-wise": lambda: [naive_sa_score(f, prob, target) for f in features.values()],
-        "ours layer-wise": lambda: [sa_score(f, prob, target) for f in features.values()],
-        "ours unit-wise": lambda: [sa_score(f, prob, target, unit_wise=True) for f in features.values()],
-    }
-    runs["ours layer-wise"]()  # warm-up
-    times, results = {}, {}
-    for name, run in runs.items():
-        times[name], results[name] = best_time(run, args.repeats, device)
-    worst = max(abs(float(a) - float(b)) for a, b in zip(results["ours layer-wise"], results["naive layer-wise"]))
-    print(f"layer-wise SA, largest difference ours vs naive (float32): {worst:.2e}")
-    peaks = {name: extra_peak_bytes(run, device) for name, run in runs.items()}
-
+    features = record_features(network, image)
     units = sum(f.shape[1] for f in features.values())
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}"
-          f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'})")
-    print(f"network: UNet 3D channels (16, 32, 64, 128, 256), input 1x1x{args.size}^3; "
-          f"{len(layers)} candidate layers, {units} units")
-    print(f"layers: {', '.join(f'{n} {tuple(f.shape[1:])}' for n, f in features.items())}\n")
-    print(f"| {'method':<18} | {'time (s)':>9} | {'extra peak (MiB)':>16} |")
-    print(f"|{'-' * 20}|{'-' * 11}|{'-' * 18}|")
-    for name in runs:
-        print(f"| {name:<18} | {times[name]:>9.3f} | {peaks[name] / 2**20:>16.1f} |")
 
-    speedup = times["naive layer-wise"] / times["ours layer-wise"]
-    memory_ratio = peaks["naive layer-wise"] / max(peaks["ours layer-wise"], 1)
-    unit_ratio = times["naive layer-wise"] / times["ours unit-wise"]
-    print(f"\nlayer-wise speed-up (naive / ours):            {speedup:8.1f}x  target >= 10x: "
-          f"{'met' if speedup >= 10 else 'MISSED'}")
-    print(f"layer-wise extra peak memory (naive / ours):   {memory_ratio:8.1f}x  target >= 10x: "
-          f"{'met' if memory_ratio >= 10 else 'MISSED'}")
-    print(f"unit-wise all units vs naive layer-wise time:  {unit_ratio:8.2f}x  target > 1x: "
-          f"{'met' if unit_ratio > 1 else 'MISSED'}")
+    naive, ours, unit_wise = "naive layer-wise", "ours layer-wise", f"ours unit-wise (all {units} units)"
+    runs = {
+        naive: lambda: [naive_sa_score(f, prob, target) for f in features.values()],
+        ours: lambda: [sa_score(f, prob, target) for f in features.values()],
+        unit_wise: lambda: [sa_score(f, prob, target, unit_wise=True) for f in features.values()],
+    }
+    runs[ours]()  # warm-up
+    times, results = {}, {}
+    for name, function in runs.items():
+        times[name], results[name] = best_time(function, args.repeats, device)
+        print(f"core: {name}: best of {args.repeats} {times[name]:.3f} s", flush=True)
+    worst = max(abs(float(a) - float(b)) for a, b in zip(results[ours], results[naive]))
+    peaks = {name: extra_peak_bytes(function, device) for name, function in runs.items()}
+
+    layers = ", ".join(f"{name} {tuple(f.shape[1:])}" for name, f in features.items())
+    description = (
+        f"MONAI 3D UNet, channels {CHANNELS}, 2 residual units, input 1x1x{args.size}^3, device {device}; SA of its "
+        f"{len(features)} candidate layers ({units} units): {layers}. Best of {args.repeats} runs per method; extra "
+        "peak memory from the allocator events recorded by torch.profiler on CPU, torch.cuda.max_memory_allocated on "
+        f"CUDA. Largest layer-wise difference ours vs naive (float32): {worst:.2e}."
+    )
+    rows = [[name, number(times[name]), number(peaks[name] / 2**20)] for name in runs]
+    checks = [
+        Check("layer-wise speed-up: naive time / ours time", times[naive] / times[ours], target=10),
+        Check("layer-wise extra peak memory: naive / ours", peaks[naive] / max(peaks[ours], 1), target=10),
+        Check("naive layer-wise time / ours unit-wise time", times[naive] / times[unit_wise], target=1,
+              comparison=">"),
+    ]
+    return BenchmarkResult("core", "SA against the naive formulation (issue 2)", command("bench_core.py", argv),
+                           description, [Table(["method", "time (s)", "extra peak (MiB)"], rows)], checks,
+                           time.perf_counter() - start)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the machine, then run the benchmark and print its Markdown section."""
+    print(machine_line())
+    print("\n" + run(sys.argv[1:] if argv is None else argv).markdown())
 
 
 if __name__ == "__main__":

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
-from monai.networks.nets import UNet
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_core import CHANNELS, unet_3d  # noqa: E402
+from benchmarks.results import BenchmarkResult, Check, Table, command, machine_line, number  # noqa: E402
 from monai_protoseg import SAScoreHandler, candidate_layers  # noqa: E402
 
 
@@ -36,15 +37,20 @@ def validation_time(network: torch.nn.Module, data: list, inferer: Inferer, laye
     return time.perf_counter() - start
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=96, help="edge of the cubic volumes (default 96)")
     parser.add_argument("--cases", type=int, default=3, help="validation volumes (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best is kept")
-    args = parser.parse_args()
+    return parser
 
-    torch.manual_seed(0)
-    network = UNet(3, 1, 1, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2).eval()
+
+def run(argv: Sequence[str] = ()) -> BenchmarkResult:
+    """Run the benchmark with the command-line arguments ``argv``: plain and with-SA times and their ratios."""
+    args = parser().parse_args(argv)
+    start = time.perf_counter()
+    network = unet_3d(torch.device("cpu"))
     layers = candidate_layers(network)
     decoder_layers = layers[layers.index("model.1.submodule.1.submodule.1.submodule.1.submodule") + 1:]
     shape = (1, 1, args.size, args.size, args.size)
@@ -55,21 +61,32 @@ def main() -> None:
         f"SlidingWindowInferer roi {half}^3, overlap 0.5": (
             SlidingWindowInferer(roi_size=(half, half, half), overlap=0.5, sw_batch_size=2), 1.3),
     }
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device cpu")
-    print(f"UNet 3D (16, 32, 64, 128, 256), {args.cases} volumes of {args.size}^3, SA on {len(decoder_layers)} "
-          f"layers: {', '.join(decoder_layers)}\n")
-    print(f"| {'inferer':<44} | {'plain (s)':>9} | {'with SA (s)':>11} | {'ratio':>6} | {'target':>6} |")
-    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 13}|{'-' * 8}|{'-' * 8}|")
+    rows, checks = [], []
     for name, (inferer, target) in settings.items():
         validation_time(network, data[:1], inferer, decoder_layers)  # warm-up
         plain, with_sa = [], []
         for _ in range(args.repeats):
             plain.append(validation_time(network, data, inferer, None))
             with_sa.append(validation_time(network, data, inferer, decoder_layers))
-        ratio = min(with_sa) / min(plain)
-        verdict = "met" if ratio <= target else "MISSED"
-        print(f"| {name:<44} | {min(plain):>9.2f} | {min(with_sa):>11.2f} | {ratio:>5.2f}x | {target:>5.2f}x | "
-              f"{verdict}")
+        print(f"validation: {name}: best of {args.repeats} plain {min(plain):.2f} s, with SA {min(with_sa):.2f} s",
+              flush=True)
+        rows.append([name, number(min(plain)), number(min(with_sa))])
+        checks.append(Check(f"{name}: with SA / plain time", min(with_sa) / min(plain), target=target,
+                            comparison="<="))
+    description = (
+        f"SupervisedEvaluator on CPU, MONAI 3D UNet, channels {CHANNELS}, 2 residual units, {args.cases} volumes of "
+        f"{args.size}^3; layer-wise SA on the {len(decoder_layers)} decoder and output layers "
+        f"({', '.join(decoder_layers)}). Runs with and without SAScoreHandler alternate; best of {args.repeats}."
+    )
+    return BenchmarkResult("validation", "Validation with and without SAScoreHandler (issue 3)",
+                           command("bench_validation.py", argv), description,
+                           [Table(["inferer", "plain (s)", "with SA (s)"], rows)], checks, time.perf_counter() - start)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the machine, then run the benchmark and print its Markdown section."""
+    print(machine_line())
+    print("\n" + run(sys.argv[1:] if argv is None else argv).markdown())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """monai_protoseg: what every layer of a MONAI segmentation network can segment (ProtoSeg, SA scores)."""
 
 from .checks import CheckedLoadImaged, CheckSpatialShaped
+from .estimator import QualityEstimator, quality_features
 from .handlers import MeanSAQualityHandler, PrototypeMapHandler, SAScoreHandler
 from .inferers import ProtoSegInferer
 from .maps import MapSnapshot, plot_prototype_maps, read_snapshot, save_snapshot, take_snapshot, tile_snapshot
@@ -37,4 +38,6 @@ __all__ = [
     "CheckedLoadImaged",
     "CheckSpatialShaped",
     "QualityCalibration",
+    "QualityEstimator",
+    "quality_features",
 ]

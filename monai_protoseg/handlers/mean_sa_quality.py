@@ -1,26 +1,33 @@
 """Ignite handler that estimates each prediction's quality without ground truth: the mean SA of the last layers
-against the network's own prediction, turned into an estimated Dice by a calibration fitted during validation."""
+against the network's own prediction, turned into an estimated Dice by a calibration fitted during validation, or the
+SA profile and the prediction's confidence, turned into an estimated Dice by a quality estimator."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.engine import Engine
 from monai.handlers import from_engine
-from monai.metrics import DiceMetric
+from monai.metrics import Cumulative, DiceMetric
+from monai.networks import eval_mode
 from monai.utils import CommonKeys
 from torch import nn
 
+from ..estimator import QualityEstimator, feature_names, quality_features
+from ..inferers import ProtoSegInferer
 from ..io import atomic_write_csv, format_number
 from ..metrics import SAScoreMetric
 from ..quality import QualityCalibration
-from ..recorder import last_decoder_layers
+from ..recorder import candidate_layers, last_decoder_layers
 from .probe import LayerProbeHandler, as_batch
 
 __all__ = ["MeanSAQualityHandler"]
@@ -31,40 +38,70 @@ class MeanSAQualityHandler(LayerProbeHandler):
 
     For every case and scored class: the SA of each chosen layer against the network's own binarised prediction
     (argmax for softmax, ``> 0.5`` otherwise; prototypes guided by the soft output), their mean (the paper's mean SA),
-    the Dice estimated from it by a :class:`~monai_protoseg.QualityCalibration`, and a review flag. Attach it to the
-    inference evaluator with ``calibration`` pointing at the JSON file fitted during validation; attach it to the
-    validation evaluator with ``fit_calibration=True`` to fit that file on the cases that have ground truth (true Dice
-    of the same binarised prediction against the label, all classes pooled into one line). Wherever the cases have
-    labels, their true Dice is written next to the estimate, so held-out cases show how good the estimate is.
+    an estimated Dice, and a review flag. Wherever the cases have labels, their true Dice (of the same binarised
+    prediction against the label) is written next to the estimate, so held-out cases show how good the estimate is.
 
-    Without a calibration (none given, its file missing, or too few valid cases to fit one), the CSV reports mean SA
-    alone, ``estimated_dice`` is NaN, the ``note`` column and a log warning say why, and the review flag compares
-    mean SA with ``threshold``. A case whose prediction is empty has undefined (NaN) SA and is flagged for review.
+    Two ways to estimate Dice, each fitted during validation on cases with labels and read back at inference:
+
+    - ``calibration``: a :class:`~monai_protoseg.QualityCalibration`, a straight line on mean SA
+      (``fit_calibration=True`` fits it, all classes pooled into one line);
+    - ``estimator``: a :class:`~monai_protoseg.QualityEstimator`, a ridge regression on the SA of every probed layer
+      (``profile_layers`` and ``layers``), mean SA, the prediction's confidence and volume, and optionally its
+      disagreement with the prediction for the flipped input (``tta_flip``); see :mod:`monai_protoseg.estimator`.
+      ``fit_estimator=True`` fits it on every case and class (rows grouped by case for cross-validation) and logs
+      the cross-validated Pearson r and MAE of each feature set. The CSV then also gets every feature column.
+
+    The estimator is used when there is one; otherwise the calibration; otherwise (none given, file missing, or too
+    few valid cases to fit: at least ``monai_protoseg.estimator.MIN_ROWS`` rows from ``MIN_GROUPS`` cases for the
+    estimator, ``monai_protoseg.quality.MIN_CASES`` for the calibration) the CSV reports mean SA alone,
+    ``estimated_dice`` is NaN, and the review flag compares mean SA with ``threshold``. The ``note`` column names the
+    method (``estimator (<feature set>)``, ``calibration``, ``mean SA only``) and why a method was not used; the
+    log says so too. A case whose SA is undefined (empty prediction) has no estimate and is flagged for review.
 
     CSV columns (``output_dir/filename``, written atomically once per epoch, by rank ``save_rank`` only): ``case``
     (the image file name without folder and extension, from the image's meta data), ``class``, ``mean_sa``,
-    ``sa_{layer}`` per layer, ``true_dice`` (when the cases have labels), ``estimated_dice``, ``review``, ``note``.
-    ``engine.state.metrics`` gets ``f"{name}_mean_sa"``, ``f"{name}_review"`` (the number of flagged rows),
-    ``f"{name}_undefined"`` (rows whose mean SA is NaN), and when a calibration is fitted ``f"{name}_pearson_r"``,
-    ``f"{name}_mae"`` and ``f"{name}_loo_mae"``.
+    ``sa_{layer}`` per probed layer, with an estimator (given or fitted) the other features (``fg_prob``,
+    ``max_prob``, ``volume``, ``tta_disagreement``), then ``true_dice`` (when the cases have labels),
+    ``estimated_dice``, ``review``, ``note``. ``engine.state.metrics`` gets ``f"{name}_mean_sa"``,
+    ``f"{name}_review"`` (the number of flagged rows), ``f"{name}_undefined"`` (rows whose mean SA is NaN), when a
+    calibration is fitted ``f"{name}_pearson_r"``, ``f"{name}_mae"`` and ``f"{name}_loo_mae"``, and when an estimator
+    is fitted ``f"{name}_estimator_cv_r"`` and ``f"{name}_estimator_cv_mae"`` (of its chosen feature set).
 
     Args:
-        layers: the layers whose SA is averaged; ``None``: the last two decoder layers
+        layers: the layers whose SA is averaged into mean SA; ``None``: the last two decoder layers
             (:func:`~monai_protoseg.last_decoder_layers`), chosen when the engine starts.
         output_dir: folder of the CSV.
         filename: name of the CSV.
         calibration: a ``QualityCalibration``, or the path of its JSON file (read when the engine starts; with
             ``fit_calibration``, where the fitted calibration is saved), or ``None``.
         fit_calibration: fit the calibration on this run's cases, which then need labels.
-        threshold: a row is flagged for review when its estimated Dice (mean SA without calibration) is below it.
+        threshold: a row is flagged for review when its estimated Dice (mean SA without an estimate) is below it.
         network: the network; by default ``engine.network`` when the engine starts.
         label_transform: gives the labels from ``engine.state.output`` (``None`` or a missing key: no labels).
         activation: ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
         class_names: one name per scored class; default ``"class{index}"`` with the output channel index.
         include_background: score output channel 0 too. A single-channel output is always scored.
-        image_key: the batch key whose meta data names the case.
+        image_key: the key of the input image: its meta data in the batch names the case; with ``tta_flip`` the
+            flipped pass reads the image from ``engine.state.output`` (where MONAI evaluators put it).
         name: prefix of the ``engine.state.metrics`` keys.
         save_rank: the distributed rank that writes the files.
+        estimator: a ``QualityEstimator``, or the path of its JSON file (read when the engine starts, and checked to
+            be fitted on the same layers and features; with ``fit_estimator``, where the fitted estimator is saved),
+            or ``None``.
+        fit_estimator: fit the estimator on this run's cases, which then need labels.
+        profile_layers: the layers of the SA profile, probed with ``layers`` when there is an estimator; ``None``:
+            :func:`~monai_protoseg.candidate_layers` of the network, chosen when the engine starts.
+        tta_flip: with an estimator, also run the network (through the engine's inferer) on the input flipped along
+            its last spatial axis, one extra forward pass per batch, for the ``tta_disagreement`` feature. The pass
+            runs in eval mode with the network's forward hooks suspended, so no layer recording sees it.
+
+    Attributes:
+        layers: every probed layer (mean-SA layers, plus the profile layers with an estimator), set when the engine
+            starts.
+        mean_sa_layers: the layers averaged into mean SA.
+        profile_layers: the SA-profile layers (``[]`` without an estimator).
+        calibration: the calibration in use, or ``None``.
+        estimator: the estimator in use, or ``None``.
     """
 
     def __init__(
@@ -83,10 +120,19 @@ class MeanSAQualityHandler(LayerProbeHandler):
         image_key: str = CommonKeys.IMAGE,
         name: str = "quality",
         save_rank: int = 0,
+        estimator: QualityEstimator | str | os.PathLike | None = None,
+        fit_estimator: bool = False,
+        profile_layers: Sequence[str] | None = None,
+        tta_flip: bool = False,
     ) -> None:
-        super().__init__(layers, network, activation, class_names, include_background, image_key)
+        super().__init__(None, network, activation, class_names, include_background, image_key)
         if fit_calibration and not isinstance(calibration, (str, os.PathLike, type(None))):
             raise ValueError("fit_calibration=True needs calibration to be the path to save it to, or None.")
+        if fit_estimator and not isinstance(estimator, (str, os.PathLike, type(None))):
+            raise ValueError("fit_estimator=True needs estimator to be the path to save it to, or None.")
+        if tta_flip and estimator is None and not fit_estimator:
+            raise ValueError("tta_flip=True computes a feature of the quality estimator: pass estimator=... or "
+                             "fit_estimator=True.")
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1] (a Dice-like score), got {threshold}.")
         self.csv_path = pathlib.Path(output_dir) / filename
@@ -95,6 +141,13 @@ class MeanSAQualityHandler(LayerProbeHandler):
         )
         self.calibration = calibration if isinstance(calibration, QualityCalibration) else None
         self.fit_calibration = fit_calibration
+        self.estimator_path = None if isinstance(estimator, (QualityEstimator, type(None))) else pathlib.Path(estimator)
+        self.estimator = estimator if isinstance(estimator, QualityEstimator) else None
+        self.fit_estimator = fit_estimator
+        self.use_estimator = estimator is not None or fit_estimator
+        self.mean_sa_layers = None if layers is None else list(layers)
+        self.profile_layers = (None if profile_layers is None else list(profile_layers)) if self.use_estimator else []
+        self.tta_flip = tta_flip
         self.threshold = threshold
         self.label_transform = label_transform
         self.name = name
@@ -102,32 +155,49 @@ class MeanSAQualityHandler(LayerProbeHandler):
         self.logger = logging.getLogger(__name__)
         self.metric: SAScoreMetric | None = None
         self.dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
+        self.feature_rows = Cumulative()  # (N, K, F), with an estimator
+        self.feature_names: list[str] = []
         self._no_calibration = "no calibration given"
+        self._no_estimator = ""
+        self._mean_sa_index: list[int] = []
         self._with_labels: bool | None = None
 
     def default_layers(self, network: nn.Module) -> list[str]:
-        """The last two decoder layers of ``network``."""
-        return last_decoder_layers(network)
+        """The profile layers (with an estimator), then the mean-SA layers not among them."""
+        if self.mean_sa_layers is None:
+            self.mean_sa_layers = last_decoder_layers(network)
+        if self.profile_layers is None:
+            self.profile_layers = candidate_layers(network)
+        return list(dict.fromkeys([*self.profile_layers, *self.mean_sa_layers]))
 
     def started(self, engine: Engine) -> None:
-        """Choose the layers, register the hooks, and read the calibration file unless it is to be fitted."""
+        """Choose the layers, register the hooks, and read the calibration and estimator files unless fitted here."""
         super().started(engine)
         if self.metric is None:
             self.metric = SAScoreMetric(self.layers)
+        self._mean_sa_index = [self.layers.index(layer) for layer in self.mean_sa_layers]
         if self.calibration_path is not None and not self.fit_calibration:
             if self.calibration_path.exists():
                 self.calibration = QualityCalibration.load(self.calibration_path)
             else:
                 self.calibration = None
                 self._no_calibration = f"no calibration file at {self.calibration_path}"
-        if self.calibration is None and not self.fit_calibration:
-            self.logger.warning(f"{type(self).__name__}: {self._no_calibration}; reporting mean SA alone.")
+        if self.use_estimator:
+            self.feature_names = feature_names(self.layers, tta=self.tta_flip)
+            if not self.fit_estimator:
+                self._read_estimator()
+        if self.estimator is None and not self.fit_estimator:
+            if self.use_estimator:
+                self.logger.warning(f"{type(self).__name__}: {self._no_estimator}; using the calibration, if any.")
+            if self.calibration is None and not self.fit_calibration:
+                self.logger.warning(f"{type(self).__name__}: {self._no_calibration}; reporting mean SA alone.")
 
     def epoch_started(self, engine: Engine) -> None:
         """Start a new accumulation."""
         super().epoch_started(engine)
         self.metric.reset()
         self.dice.reset()
+        self.feature_rows.reset()
         self._with_labels = None
 
     def iteration_completed(self, engine: Engine) -> None:
@@ -136,10 +206,13 @@ class MeanSAQualityHandler(LayerProbeHandler):
             labels = self.label_transform(engine.state.output)
         except (KeyError, TypeError):  # no label key in the output
             labels = None
+        if isinstance(labels, tuple) and len(labels) == 1:  # from_engine on a (not decollated) dict output
+            labels = labels[0]
         if labels is None or any(item is None for item in labels):
-            if self.fit_calibration:
+            if self.fit_calibration or self.fit_estimator:
+                option = "fit_calibration" if self.fit_calibration else "fit_estimator"
                 raise ValueError(
-                    f"{type(self).__name__}(fit_calibration=True) needs labels, but label_transform found none in "
+                    f"{type(self).__name__}({option}=True) needs labels, but label_transform found none in "
                     f"engine.state.output."
                 )
             label = None
@@ -151,38 +224,75 @@ class MeanSAQualityHandler(LayerProbeHandler):
         prob, features = self.probed_batch(None if label is None else label.shape[2:])
         classes = slice(self.class_indices[0], self.class_indices[-1] + 1)  # contiguous: a view, not a copy
         prediction = self.binarised(prob)[:, classes]
-        self.metric(prob[:, classes], prediction, features=features)
+        scores = self.metric(prob[:, classes], prediction, features=features)
         if label is not None:
             self.dice(prediction.float(), self.one_hot_label(label.to(prob.device), prob.shape[1])[:, classes].float())
+        if self.use_estimator:  # after the features are read: the flipped pass runs the network again
+            flipped = self._flipped_prediction(engine)[:, classes] if self.tta_flip else None
+            self.feature_rows.extend(quality_features(
+                prob[:, classes], prediction, scores, self._mean_sa_index,
+                channel_prob=prob if self.activation == "softmax" else None, tta_prediction=flipped,
+            ))
         self.record_case_names(engine, prob.shape[0])
 
     def epoch_completed(self, engine: Engine) -> None:
-        """Fit the calibration if asked, estimate Dice, write the CSV and the summary metrics."""
+        """Fit the calibration and the estimator if asked, estimate Dice, write the CSV and the summary metrics."""
         scores = self.metric.layer_scores()  # (N, L, K), gathered across ranks
-        mean_sa = scores.nanmean(1)  # (N, K)
+        mean_sa = scores[:, self._mean_sa_index].nanmean(1)  # (N, K)
         cases = self.case_names()
         true_dice = self.dice.get_buffer() if self._with_labels else None
         metrics = engine.state.metrics
+        if self.use_estimator:
+            names, values = self.feature_names, self.feature_rows.get_buffer()  # (N, K, F), gathered across ranks
+        else:
+            names = ["mean_sa", *(f"sa_{layer}" for layer in self.layers)]
+            values = torch.cat([mean_sa[..., None], scores.transpose(1, 2)], dim=-1)
         if self.fit_calibration:
             self._fit(mean_sa, true_dice, metrics)
-        if self.calibration is not None:
-            estimated = self.calibration.predict(mean_sa.double())
-            note = ""
-        else:
+        if self.fit_estimator:
+            self._fit_estimator(values, true_dice, cases, metrics)
+        estimated, note = self._estimate(mean_sa, values)
+        review = ~((mean_sa if estimated is None else estimated) >= self.threshold)  # NaN is flagged
+        if estimated is None:
             estimated = torch.full_like(mean_sa, math.nan, dtype=torch.float64)
-            note = f"{self._no_calibration}: mean SA only"
-        review = ~((estimated if self.calibration is not None else mean_sa) >= self.threshold)  # NaN is flagged
         metrics[f"{self.name}_mean_sa"] = mean_sa.nanmean().item()
         if self.metric_name is not None:
             metrics[self.metric_name] = metrics[f"{self.name}_mean_sa"]
         metrics[f"{self.name}_review"] = int(review.sum())
         metrics[f"{self.name}_undefined"] = int(mean_sa.isnan().sum())
         if idist.get_rank() == self.save_rank:
-            self._write_csv(cases, scores, mean_sa, true_dice, estimated, review, note)
+            self._write_csv(cases, names, values, mean_sa, true_dice, estimated, review, note)
             self.logger.info(
                 f"{type(self).__name__}: {len(cases)} case(s), mean SA {metrics[f'{self.name}_mean_sa']:.4f}, "
                 f"{metrics[f'{self.name}_review']} row(s) flagged for review; wrote {self.csv_path}"
             )
+
+    def _read_estimator(self) -> None:
+        """Load the estimator file (or check the given estimator) against this handler's layers and features."""
+        if self.estimator_path is not None:
+            if not self.estimator_path.exists():
+                self.estimator = None
+                self._no_estimator = f"no estimator file at {self.estimator_path}"
+                return
+            self.estimator = QualityEstimator.load(self.estimator_path, self.layers, self.mean_sa_layers)
+        else:
+            self.estimator.check_layers(self.layers, self.mean_sa_layers)
+        if list(self.estimator.feature_names) != self.feature_names:
+            source = self.estimator_path or "the quality estimator"
+            raise ValueError(
+                f"{source} was fitted on the features {list(self.estimator.feature_names)}, but this handler computes "
+                f"{self.feature_names}: set tta_flip={not self.tta_flip} as when it was fitted."
+            )
+
+    def _estimate(self, mean_sa: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+        """The estimated Dice ``(N, K)`` (``None``: mean SA only) and the note naming the method."""
+        if self.estimator is not None:
+            estimated = torch.from_numpy(self.estimator.predict(values.cpu())).to(mean_sa.device)
+            return estimated, f"estimator ({self.estimator.chosen})"
+        prefix = f"{self._no_estimator}; " if self.use_estimator else ""
+        if self.calibration is not None:
+            return self.calibration.predict(mean_sa.double()), f"{prefix}calibration" if prefix else ""
+        return None, f"{prefix}{self._no_calibration}: mean SA only"
 
     def _fit(self, mean_sa: torch.Tensor, true_dice: torch.Tensor, metrics: dict) -> None:
         """Fit the calibration on (mean SA, true Dice) of every case and class, save it, report its fit."""
@@ -207,26 +317,99 @@ class MeanSAQualityHandler(LayerProbeHandler):
             + (f"; saved to {self.calibration_path}" if self.calibration_path is not None else "")
         )
 
+    def _fit_estimator(self, values: torch.Tensor, true_dice: torch.Tensor, cases: list[str], metrics: dict) -> None:
+        """Fit the estimator on the feature rows of every case and class, save it, log its CV.
+
+        Rows are grouped by case name, so the folds (and the fit) do not depend on the order in which the ranks'
+        cases were gathered.
+        """
+        classes = true_dice.shape[1]
+        try:
+            self.estimator = QualityEstimator.fit(
+                values.reshape(len(cases) * classes, -1), true_dice.flatten(), np.repeat(np.array(cases), classes),
+                feature_names=self.feature_names, layers=self.layers, mean_sa_layers=self.mean_sa_layers,
+            )
+        except ValueError as error:
+            self.estimator = None
+            self._no_estimator = f"estimator not fitted ({error})"
+            if idist.get_rank() == self.save_rank:
+                self.logger.warning(f"{type(self).__name__}: {self._no_estimator}")
+            return
+        chosen = self.estimator.feature_sets[self.estimator.chosen]
+        metrics[f"{self.name}_estimator_cv_r"] = chosen.cv_r
+        metrics[f"{self.name}_estimator_cv_mae"] = chosen.cv_mae
+        if idist.get_rank() != self.save_rank:
+            return
+        if self.estimator_path is not None:
+            self.estimator.save(self.estimator_path)
+        self.logger.info(
+            f"{type(self).__name__}: quality estimator fitted on {self.estimator.n_rows} case-class row(s) of "
+            f"{self.estimator.n_groups} case(s) ({self.estimator.n_excluded} undefined left out), "
+            f"{self.estimator.n_folds}-fold cross-validation grouped by case; chosen feature set "
+            f"{self.estimator.chosen!r}" + (f"; saved to {self.estimator_path}" if self.estimator_path else "")
+            + f"\n{self.estimator.cv_table()}"
+        )
+
+    def _flipped_prediction(self, engine: Engine) -> torch.Tensor:
+        """The binarised prediction ``(B, C, *S)`` for the batch's input flipped along its last axis, flipped back."""
+        output = engine.state.output
+        try:
+            image = output[self.image_key] if isinstance(output, dict) else as_batch(
+                [item[self.image_key] for item in output])
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"{type(self).__name__}(tta_flip=True) needs the input image under '{self.image_key}' in "
+                f"engine.state.output (MONAI evaluators put it there)."
+            ) from error
+        network = self.network if self.network is not None else engine.network
+        inferer = getattr(engine, "inferer", None)
+        if isinstance(inferer, ProtoSegInferer):  # its recording belongs to the main pass
+            inferer = inferer.inferer
+        flipped = torch.flip(image.as_subclass(torch.Tensor), dims=(-1,))
+        amp = torch.autocast("cuda", **engine.amp_kwargs) if getattr(engine, "amp", False) else contextlib.nullcontext()
+        with eval_mode(network), amp, _forward_hooks_suspended(network):
+            logits = inferer(flipped, network) if inferer is not None else network(flipped)
+        prob = torch.flip(logits.as_subclass(torch.Tensor).float(), dims=(-1,))
+        if self.activation == "sigmoid":
+            prob = torch.sigmoid(prob)
+        elif self.activation == "softmax":
+            prob = torch.softmax(prob, dim=1)
+        return self.binarised(prob)
+
     def _write_csv(
         self,
         cases: list[str],
-        scores: torch.Tensor,
+        names: list[str],
+        values: torch.Tensor,
         mean_sa: torch.Tensor,
         true_dice: torch.Tensor | None,
         estimated: torch.Tensor,
         review: torch.Tensor,
         note: str,
     ) -> None:
-        columns = ["case", "class", "mean_sa", *(f"sa_{layer}" for layer in self.layers)]
+        """One row per case and class: the value columns ``names`` of ``values`` ``(N, K, F)``, then the estimate."""
+        columns = ["case", "class", *names]
         columns += ["true_dice"] if true_dice is not None else []
         columns += ["estimated_dice", "review", "note"]
+        values = values.double().cpu().numpy()
         rows = []
         for n, case in enumerate(cases):
             for k, class_name in enumerate(self.class_labels()):
                 row_note = "empty prediction: SA undefined" if math.isnan(mean_sa[n, k]) else note
-                values = [mean_sa[n, k], *scores[n, :, k]]
-                values += [true_dice[n, k]] if true_dice is not None else []
-                rows.append([case, class_name, *(format_number(v) for v in values), format_number(estimated[n, k]),
+                row = [*values[n, k]] + ([true_dice[n, k]] if true_dice is not None else [])
+                rows.append([case, class_name, *(format_number(v) for v in row), format_number(estimated[n, k]),
                              bool(review[n, k]), row_note])
         atomic_write_csv(self.csv_path, columns, rows)
 
+
+@contextlib.contextmanager
+def _forward_hooks_suspended(network: nn.Module) -> Iterator[None]:
+    """Suspend every forward hook of ``network``, so that no recorder (this handler's or another's) sees a pass."""
+    saved = {module: module._forward_hooks for module in network.modules()}
+    try:
+        for module in saved:
+            module._forward_hooks = OrderedDict()
+        yield
+    finally:
+        for module, hooks in saved.items():
+            module._forward_hooks = hooks

@@ -387,7 +387,9 @@ def test_command_line_inference(tmp_path):
     assert [row["case"] for row in rows] == ["ISIC_0000000", "ISIC_0000001"]
     for row in rows:
         score(row["mean_sa"])
-    assert all(row["note"].startswith("no calibration file") for row in rows)  # said, not hidden
+    for row in rows:  # said, not hidden
+        assert row["note"].startswith("no estimator file at ") and row["note"].endswith(": mean SA only")
+        assert "no calibration file at " in row["note"]
     assert all(math.isnan(float(row["estimated_dice"])) for row in rows)
     assert len(list((tmp_path / "out").glob("ISIC_*_segmentation.png"))) == 2
 
@@ -490,7 +492,8 @@ def test_layers_and_classes_are_consistent(name):
     resolve_layers(network, train["sa_layers"])
     assert set(train["sa_layers"]) <= set(candidate_layers(network))
     assert train["quality_layers"] == last_decoder_layers(network)
-    for key in ("network_def", "class_names", "quality_layers", "roi_size" if "roi_size" in train else "image_size"):
+    shared = ("network_def", "class_names", "quality_layers", "sa_layers")
+    for key in (*shared, "roi_size" if "roi_size" in train else "image_size"):
         assert train[key] == inference[key], key
     assert len(train["class_names"]) == len(SPECS[name]["classes"])
     readme = (BUNDLES_DIR / name / "docs" / "README.md").read_text()

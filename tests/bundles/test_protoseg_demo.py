@@ -16,11 +16,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from monai_protoseg import FeatureRecorder, QualityCalibration, candidate_layers, last_decoder_layers
+from monai_protoseg import FeatureRecorder, QualityCalibration, QualityEstimator, candidate_layers, last_decoder_layers
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "protoseg_demo"
-TINY = ["--epochs", "2", "--val_interval", "1", "--train_cases", "8", "--validation_cases", "8", "--test_cases", "4",
+TINY = ["--epochs", "2", "--val_interval", "1", "--train_cases", "8", "--validation_cases", "12", "--test_cases", "4",
         "--image_size", "32", "--batch_size", "4", "--device", "cpu"]
 
 
@@ -73,8 +73,8 @@ def network_def() -> torch.nn.Module:
 def test_train_runs_end_to_end_and_names_its_output(trained):
     output_dir, log = trained
     assert f"all outputs are in {output_dir}" in log
-    assert "Epoch[2] Complete" in log and "calibration fitted on 8 case-class pair(s)" in log
-    for split, count in (("train", 8), ("validation", 8), ("test", 4)):
+    assert "Epoch[2] Complete" in log and "calibration fitted on 12 case-class pair(s)" in log
+    for split, count in (("train", 8), ("validation", 12), ("test", 4)):
         dataset = json.loads((output_dir / "data" / split / "dataset.json").read_text())
         assert len(dataset["training"]) == count
     assert (output_dir / "models" / "model.pt").is_file()
@@ -86,7 +86,7 @@ def test_layer_and_unit_csvs_cover_every_layer_and_unit(trained):
     network = network_def()
     layers = candidate_layers(network)
     rows = read_rows(output_dir / "sa_layers.csv")
-    assert len(rows) == 8 and list(rows[0]) == ["case", "class", *layers]
+    assert len(rows) == 12 and list(rows[0]) == ["case", "class", *layers]
     assert all(row["class"] == "foreground" for row in rows)
     assert any(not math.isnan(score(row[layer])) for row in rows for layer in layers)
     with torch.no_grad(), FeatureRecorder(network.eval(), layers) as recorder:
@@ -101,16 +101,24 @@ def test_quality_files_and_the_calibration_agree(trained):
     output_dir, _ = trained
     quality_layers = last_decoder_layers(network_def())
     validation = read_rows(output_dir / "quality_validation.csv")
-    assert len(validation) == 8 and [f"sa_{layer}" for layer in quality_layers] == list(validation[0])[3:5]
+    assert len(validation) == 12
+    assert {f"sa_{layer}" for layer in candidate_layers(network_def())} <= set(validation[0])  # the SA profile
+    for row in validation:
+        sa = [score(row[f"sa_{layer}"]) for layer in quality_layers]
+        assert score(row["mean_sa"]) == pytest.approx(sum(sa) / 2, abs=2e-6)
     calibration = QualityCalibration.load(output_dir / "models" / "quality_calibration.json")
     refit = QualityCalibration.fit([score(r["mean_sa"]) for r in validation], [score(r["true_dice"]) for r in validation])
     assert refit.slope == pytest.approx(calibration.slope, abs=1e-4)
+    # 12 validation cases: enough for the SA-profile estimator, which then makes the estimates
+    estimator = QualityEstimator.load(output_dir / "models" / "quality_estimator.json", layers=candidate_layers(
+        network_def()))
+    for rows in (validation, read_rows(output_dir / "quality.csv")):
+        for row in rows:
+            assert row["note"] == f"estimator ({estimator.chosen})"
+            features = np.array([float(row[name]) for name in estimator.feature_names])
+            assert score(row["estimated_dice"]) == pytest.approx(float(estimator.predict(features)), abs=2e-3)
     held_out = read_rows(output_dir / "quality.csv")
     assert len(held_out) == 4 and "true_dice" in held_out[0]  # the demo's held-out cases have labels
-    for row in held_out:
-        mean_sa = score(row["mean_sa"])
-        if not math.isnan(mean_sa):
-            assert score(row["estimated_dice"]) == pytest.approx(calibration.predict(mean_sa), abs=1e-5)
 
 
 def test_report_has_the_table_and_figures(trained):

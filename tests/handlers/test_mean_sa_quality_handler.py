@@ -1,4 +1,5 @@
-"""MeanSAQualityHandler: per-case mean SA against the own prediction, calibration fitted in validation, CSV."""
+"""MeanSAQualityHandler: per-case mean SA against the own prediction, calibration or quality estimator fitted in
+validation, CSV."""
 
 from __future__ import annotations
 
@@ -10,11 +11,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.inferers import SlidingWindowInferer
+from monai.networks.nets import UNet
 
-from monai_protoseg import FeatureRecorder, MeanSAQualityHandler, QualityCalibration, last_decoder_layers
+from monai_protoseg import (
+    FeatureRecorder,
+    MeanSAQualityHandler,
+    QualityCalibration,
+    QualityEstimator,
+    SAScoreHandler,
+    candidate_layers,
+    last_decoder_layers,
+)
+from monai_protoseg.estimator import feature_names
 from tests.handlers.test_sa_score_handler import LAYERS, hook_count, make_batches, make_network
 from tests.naive_protoseg import naive_dice, naive_sa_score
 
@@ -189,9 +201,13 @@ def test_default_layers_and_case_names_without_meta_data(tmp_path):
         ({"activation": "relu"}, "activation must be"),
         ({"calibration": QualityCalibration.fit([0.1, 0.5, 0.9], [0.2, 0.5, 0.8]), "fit_calibration": True},
          "needs calibration to be the path"),
+        ({"estimator": "placeholder", "fit_estimator": True}, "needs estimator to be the path"),
+        ({"tta_flip": True}, "tta_flip=True computes a feature of the quality estimator"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
+    if kwargs.get("estimator") == "placeholder":
+        kwargs["estimator"] = synthetic_estimator(make_network())
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         MeanSAQualityHandler(QUALITY_LAYERS, **kwargs)
 
@@ -219,8 +235,6 @@ def test_held_out_cases_with_labels_get_their_true_dice_next_to_the_estimate(tmp
 
 
 def test_sa_and_quality_handlers_share_one_sliding_window_wrapper(tmp_path):
-    from monai_protoseg import SAScoreHandler
-
     network, batches = make_network(), named_batches(count=1)
     expected = expected_rows(network, batches)
     inferer = SlidingWindowInferer(roi_size=(16, 16))
@@ -232,3 +246,245 @@ def test_sa_and_quality_handlers_share_one_sliding_window_wrapper(tmp_path):
     assert set(evaluator.state.metrics) >= {f"sa_{layer}" for layer in LAYERS} | {"quality_mean_sa"}
     for row, want in zip(read_rows(tmp_path / "quality.csv"), expected):
         assert float(row["mean_sa"]) == pytest.approx(want["mean_sa"], abs=1e-4)
+
+
+def expected_features(network, batches, layers, mean_layers=QUALITY_LAYERS):
+    """Independent computation of the estimator's feature rows (sigmoid, one class): the naive SA of every layer
+    against ``prob > 0.5``, the mean over ``mean_layers``, the mean probability inside the prediction, the mean of
+    ``max(p, 1 - p)``, the predicted fraction of the image, and the true Dice."""
+    rows = []
+    for batch in batches:
+        with torch.no_grad(), FeatureRecorder(network, layers) as recorder:
+            prob = torch.sigmoid(network(batch["image"].as_tensor()))
+        for b in range(prob.shape[0]):
+            own = prob[b:b + 1] > 0.5
+            sa = {layer: naive_sa_score(recorder[layer][b:b + 1].double(), prob[b:b + 1].double(), own).item()
+                  for layer in layers}
+            row = {"mean_sa": float(np.nanmean([sa[layer] for layer in mean_layers]))}
+            row |= {f"sa_{layer}": value for layer, value in sa.items()}
+            row |= {"fg_prob": prob[b][own[0]].double().mean().item(),
+                    "max_prob": torch.maximum(prob[b], 1 - prob[b]).double().mean().item(),
+                    "volume": own.double().mean().item()}
+            if "label" in batch:
+                row["true_dice"] = naive_dice(own[0, 0], batch["label"][b, 0] > 0.5)
+            rows.append(row)
+    return rows
+
+
+def synthetic_estimator(network, tta=False, mean_layers=QUALITY_LAYERS) -> QualityEstimator:
+    """An estimator for ``network``'s candidate layers fitted on noise-free synthetic rows: Dice depends on mean SA,
+    fg_prob and volume, so the "all" set is chosen with non-trivial coefficients."""
+    layers = candidate_layers(network)
+    names = feature_names(layers, tta=tta)
+    x = np.random.default_rng(0).uniform(0, 1, (30, len(names)))
+    dice = np.clip(0.1 + 0.3 * x[:, 0] + 0.3 * x[:, names.index("fg_prob")] + 0.2 * x[:, names.index("volume")], 0, 1)
+    return QualityEstimator.fit(x, dice, feature_names=names, layers=layers, mean_sa_layers=mean_layers)
+
+
+def counting_forwards(network: torch.nn.Module) -> list:
+    """Count the network's forward passes (hooks still run: ``__call__`` calls the instance's ``forward``)."""
+    calls, forward = [], network.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    network.forward = counted
+    return calls
+
+
+def flip_disagreement(network, batches) -> list[float]:
+    """Independent TTA: 1 - Dice between ``prob > 0.5`` and the flipped-back prediction for the flipped image."""
+    values = []
+    for batch in batches:
+        image = batch["image"].as_subclass(torch.Tensor)
+        with torch.no_grad():
+            own = torch.sigmoid(network(image)) > 0.5
+            flipped = torch.sigmoid(network(image.flip(-1))).flip(-1) > 0.5
+        for b in range(image.shape[0]):
+            total = own[b].sum() + flipped[b].sum()
+            values.append(0.0 if total == 0 else 1 - 2 * (own[b] & flipped[b]).sum().item() / total.item())
+    return values
+
+
+def test_fit_estimator_during_validation_writes_the_json_and_the_feature_columns(tmp_path, caplog):
+    network, batches = make_network(), named_batches(count=6)  # 12 cases
+    path = tmp_path / "models" / "quality_estimator.json"
+    logger = logging.getLogger("monai_protoseg.handlers.mean_sa_quality")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    try:
+        evaluator, handler = evaluate(network, batches, output_dir=tmp_path, estimator=path, fit_estimator=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+    layers = candidate_layers(network)
+    assert handler.layers == layers and handler.mean_sa_layers == QUALITY_LAYERS and hook_count(network) == 0
+    saved = QualityEstimator.load(path, layers, QUALITY_LAYERS)
+    assert saved.to_dict() == handler.estimator.to_dict()
+    assert (saved.n_rows, saved.n_groups, saved.n_excluded) == (12, 12, 0)
+    names = feature_names(layers)
+    rows = read_rows(tmp_path / "quality.csv")
+    assert list(rows[0]) == ["case", "class", *names, "true_dice", "estimated_dice", "review", "note"]
+    for row, want in zip(rows, expected_features(network, batches, layers), strict=True):
+        for name, value in want.items():
+            assert float(row[name]) == pytest.approx(value, abs=1e-5), name
+        estimate = saved.predict(np.array([float(row[name]) for name in names]))
+        assert float(row["estimated_dice"]) == pytest.approx(estimate, abs=1e-5)
+        assert row["note"] == f"estimator ({saved.chosen})" and row["review"] == str(estimate < 0.7)
+    chosen = saved.feature_sets[saved.chosen]
+    assert evaluator.state.metrics["quality_estimator_cv_mae"] == chosen.cv_mae
+    assert evaluator.state.metrics["quality_estimator_cv_r"] == pytest.approx(chosen.cv_r, nan_ok=True)
+    assert f"chosen feature set {saved.chosen!r}; saved to {path}" in caplog.text
+    assert all(f" {name} " in caplog.text for name in ("mean_sa", "sa_profile", "confidence", "all"))
+
+
+@pytest.mark.parametrize("with_calibration", [True, False])
+def test_too_few_cases_for_the_estimator_falls_back_and_says_why(tmp_path, with_calibration):
+    network, batches = make_network(), named_batches(count=2)  # 4 cases: enough for a calibration, not an estimator
+    evaluator, handler = evaluate(network, batches, output_dir=tmp_path, estimator=tmp_path / "e.json",
+                                  fit_estimator=True, fit_calibration=with_calibration)
+    assert handler.estimator is None and not (tmp_path / "e.json").exists()
+    assert "quality_estimator_cv_r" not in evaluator.state.metrics
+    rows = read_rows(tmp_path / "quality.csv")
+    assert "volume" in rows[0] and f"sa_{candidate_layers(network)[2]}" in rows[0]  # the features are written
+    why = "estimator not fitted (cannot fit a quality estimator on 4 valid row(s) from 4 case(s)"
+    for row in rows:
+        assert row["note"].startswith(why) and "at least 10 rows from 3 cases are needed" in row["note"]
+        if with_calibration:
+            assert row["note"].endswith("; calibration")
+            assert float(row["estimated_dice"]) == pytest.approx(handler.calibration.predict(float(row["mean_sa"])),
+                                                                 abs=1e-5)
+        else:
+            assert row["note"].endswith("; no calibration given: mean SA only") and row["estimated_dice"] == "nan"
+            assert row["review"] == str(float(row["mean_sa"]) < 0.7)
+
+
+def test_inference_estimates_equal_the_estimator_on_the_written_features(tmp_path):
+    network = make_network()
+    estimator = synthetic_estimator(network)
+    assert estimator.chosen == "all"
+    path = estimator.save(tmp_path / "estimator.json")
+    evaluator, handler = evaluate(network, named_batches(count=2, labels=False), output_dir=tmp_path, estimator=path,
+                                  threshold=0.5)
+    assert handler.estimator == estimator
+    rows = read_rows(tmp_path / "quality.csv")
+    assert len(rows) == 4 and "true_dice" not in rows[0]
+    for row in rows:
+        x = np.array([float(row[name]) for name in estimator.feature_names])
+        explicit = estimator.intercept + sum(
+            c * (x[estimator.feature_names.index(name)] - m) / s
+            for name, m, s, c in zip(estimator.features, estimator.mean, estimator.scale, estimator.coef)
+        )
+        estimated = float(row["estimated_dice"])
+        assert estimated == pytest.approx(min(max(explicit, 0), 1), abs=1e-5)
+        assert estimated == pytest.approx(estimator.predict(x), abs=1e-5)
+        assert row["note"] == "estimator (all)" and row["review"] == str(estimated < 0.5)
+    assert evaluator.state.metrics["quality_review"] == sum(row["review"] == "True" for row in rows)
+
+
+def test_an_estimator_of_other_layers_or_features_is_a_clear_error(tmp_path):
+    network = make_network()
+    deeper = UNet(2, 1, 1, channels=(4, 8, 16, 32), strides=(2, 2, 2), num_res_units=1)
+    path = synthetic_estimator(deeper, mean_layers=last_decoder_layers(deeper)).save(tmp_path / "deeper.json")
+    with pytest.raises(ValueError) as error:
+        evaluate(network, named_batches(count=1, labels=False), output_dir=tmp_path, estimator=path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: the quality estimator was fitted on the SA of layers "
+                              f"{candidate_layers(deeper)}")
+    assert f"probed at layers {candidate_layers(network)}" in message and "needs its own estimator" in message
+    assert hook_count(network) == 0
+    with pytest.raises(ValueError, match=r"\(mean SA of \['model.2'\]\): a network with other layers"):
+        evaluate(network, named_batches(count=1, labels=False), output_dir=tmp_path, layers=["model.2"],
+                 estimator=synthetic_estimator(network))
+    with pytest.raises(ValueError, match=r"features \[.*'tta_disagreement'\], but this handler .*set tta_flip=True"):
+        evaluate(network, named_batches(count=1, labels=False), output_dir=tmp_path,
+                 estimator=synthetic_estimator(network, tta=True))
+    assert hook_count(network) == 0
+
+
+def test_tta_flip_adds_the_disagreement_and_costs_one_forward_per_batch(tmp_path):
+    network, batches = make_network(), named_batches(count=3)
+    calls = counting_forwards(network)
+    evaluate(network, batches, output_dir=tmp_path / "plain", estimator=tmp_path / "absent.json")
+    assert len(calls) == 3 and "tta_disagreement" not in read_rows(tmp_path / "plain" / "quality.csv")[0]
+    calls.clear()
+    evaluate(network, batches, output_dir=tmp_path / "tta", estimator=tmp_path / "absent.json", tta_flip=True)
+    assert len(calls) == 6  # one extra forward pass per batch
+    rows = read_rows(tmp_path / "tta" / "quality.csv")
+    assert list(rows[0])[-5:] == ["tta_disagreement", "true_dice", "estimated_dice", "review", "note"]
+    expected = flip_disagreement(network, batches)
+    assert [float(row["tta_disagreement"]) for row in rows] == pytest.approx(expected, abs=1e-6)
+    assert 0 < max(expected)  # the untrained network does not predict symmetrically
+    plain = read_rows(tmp_path / "plain" / "quality.csv")  # the other features are those of the main pass
+    assert [row["mean_sa"] for row in rows] == [row["mean_sa"] for row in plain]
+    assert hook_count(network) == 0
+
+
+def test_the_flipped_pass_is_invisible_to_other_handlers(tmp_path):
+    network, batches = make_network(), named_batches(count=2)
+    alone = SAScoreHandler(LAYERS)
+    SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, network=network,
+                        val_handlers=[alone]).run()
+    quality = MeanSAQualityHandler(QUALITY_LAYERS, output_dir=tmp_path, fit_estimator=True, tta_flip=True)
+    after = SAScoreHandler(LAYERS)  # reads its features after the quality handler's flipped pass
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, network=network,
+                                    val_handlers=[quality, after])
+    evaluator.run()
+    for layer in LAYERS:
+        assert evaluator.state.metric_details[f"sa_{layer}"].flatten().tolist() == pytest.approx(
+            alone.metric.layer_scores()[:, LAYERS.index(layer)].flatten().tolist(), nan_ok=True)
+    assert hook_count(network) == 0
+
+
+def test_bare_engine_with_tta_matches_the_evaluator(tmp_path):
+    network, batches = make_network(), named_batches(count=6)
+
+    def step(engine: Engine, batch: dict) -> dict:
+        with torch.no_grad():
+            image = batch["image"].as_tensor()
+            return {"image": image, "pred": network(image), "label": batch["label"]}
+
+    engine = Engine(step)
+    handler = MeanSAQualityHandler(QUALITY_LAYERS, output_dir=tmp_path / "bare", network=network, fit_estimator=True,
+                                   tta_flip=True)
+    handler.attach(engine)
+    engine.run(batches)
+    assert handler.estimator is not None and handler.estimator.n_groups == 12
+    evaluate(network, batches, output_dir=tmp_path / "evaluator", fit_estimator=True, tta_flip=True)
+    bare, evaluator = read_rows(tmp_path / "bare" / "quality.csv"), read_rows(tmp_path / "evaluator" / "quality.csv")
+    assert bare == evaluator and hook_count(network) == 0
+
+    def without_image(engine: Engine, batch: dict) -> dict:
+        return {key: value for key, value in step(engine, batch).items() if key != "image"}
+
+    engine = Engine(without_image)
+    MeanSAQualityHandler(QUALITY_LAYERS, output_dir=tmp_path, network=network, fit_estimator=True,
+                         tta_flip=True).attach(engine)
+    with pytest.raises(ValueError, match=r"tta_flip=True\) needs the input image under 'image'"):
+        engine.run(batches)
+    assert hook_count(network) == 0
+
+
+def test_softmax_estimator_rows_per_class_grouped_by_case(tmp_path):
+    network, batches = make_network(out_channels=3), named_batches(count=6, classes=3)
+    _, handler = evaluate(network, batches, output_dir=tmp_path, activation="softmax", class_names=["left", "right"],
+                          fit_estimator=True)
+    rows = read_rows(tmp_path / "quality.csv")
+    assert len(rows) == 24 and [row["class"] for row in rows[:2]] == ["left", "right"]
+    for left, right in zip(rows[::2], rows[1::2]):
+        assert left["case"] == right["case"] and left["max_prob"] == right["max_prob"]  # max over all channels
+    defined = sum(row["mean_sa"] != "nan" and row["true_dice"] != "nan" for row in rows)
+    assert handler.estimator.n_rows == defined and handler.estimator.n_rows + handler.estimator.n_excluded == 24
+    assert handler.estimator.n_groups == len({row["case"] for row in rows if row["mean_sa"] != "nan"})
+
+
+def test_sliding_window_with_tta_matches_whole_image_and_restores_the_inferer(tmp_path):
+    network, batches = make_network(), named_batches(count=1, labels=False)
+    evaluate(network, batches, output_dir=tmp_path / "simple", estimator=tmp_path / "absent.json", tta_flip=True)
+    inferer = SlidingWindowInferer(roi_size=(16, 16))
+    evaluator, _ = evaluate(network, batches, output_dir=tmp_path / "window", inferer=inferer,
+                            estimator=tmp_path / "absent.json", tta_flip=True)
+    assert evaluator.inferer is inferer and hook_count(network) == 0
+    simple, window = read_rows(tmp_path / "simple" / "quality.csv"), read_rows(tmp_path / "window" / "quality.csv")
+    for name in ("tta_disagreement", "mean_sa", "fg_prob", "volume"):
+        assert [float(row[name]) for row in window] == pytest.approx([float(row[name]) for row in simple], abs=1e-4)

@@ -1,0 +1,1 @@
+"""Speed, memory, quality-estimate and scaling benchmarks; ``benchmarks/run_all.py`` runs them all (``make bench``)."""

@@ -1,0 +1,335 @@
+"""QualityEstimator (ridge on quality features, grouped CV) and quality_features against independent formulations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import monai_protoseg
+from monai_protoseg.estimator import (
+    ALPHAS,
+    ESTIMATOR_FORMAT,
+    QualityEstimator,
+    default_feature_sets,
+    feature_names,
+    group_folds,
+    quality_features,
+)
+
+LAYERS = ["enc", "mid", "dec"]
+NAMES = feature_names(LAYERS)  # mean_sa, sa_enc, sa_mid, sa_dec, fg_prob, max_prob, volume
+
+
+def validation_rows(n: int = 60, per_case: int = 2, seed: int = 0, noise: float = 0.05):
+    """Feature rows in [0, 1], a true Dice that depends on several of them, and case groups of ``per_case`` rows."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (n, len(NAMES)))
+    dice = np.clip(0.1 + 0.3 * x[:, 1] + 0.2 * x[:, 4] + 0.2 * x[:, 6] + rng.normal(0, noise, n), 0, 1)
+    groups = np.repeat(np.arange(math.ceil(n / per_case)), per_case)[:n]
+    return x, dice, groups
+
+
+def fit(x, dice, groups=None, **kwargs) -> QualityEstimator:
+    return QualityEstimator.fit(x, dice, groups, feature_names=NAMES, layers=LAYERS, mean_sa_layers=LAYERS[1:],
+                                **kwargs)
+
+
+def ridge_by_lstsq(x: np.ndarray, y: np.ndarray, alpha: float):
+    """Oracle: standardise with the training rows, solve the augmented least squares [Z; sqrt(alpha) I] w = [y - mean
+    y; 0] with numpy.linalg.lstsq; the unpenalised intercept of centred columns is the mean of y."""
+    mean, std = x.mean(0), x.std(0)
+    scale = np.where(std > 1e-12, std, 1.0)
+    z = (x - mean) / scale
+    augmented = np.vstack([z, math.sqrt(alpha) * np.eye(x.shape[1])])
+    target = np.concatenate([y - y.mean(), np.zeros(x.shape[1])])
+    coef = np.linalg.lstsq(augmented, target, rcond=None)[0]
+    return mean, scale, coef, y.mean()
+
+
+def cross_validate_by_hand(x, y, folds, alphas):
+    """Oracle: an explicit loop over penalties and folds; the smallest MAE wins (ties: the larger penalty)."""
+    best = None
+    for alpha in sorted(alphas):
+        estimates = np.empty_like(y)
+        for fold in np.unique(folds):
+            test = folds == fold
+            mean, scale, coef, intercept = ridge_by_lstsq(x[~test], y[~test], alpha)
+            estimates[test] = np.clip(intercept + (x[test] - mean) / scale @ coef, 0, 1)
+        mae = np.abs(estimates - y).mean()
+        if best is None or mae <= best[1]:
+            best = (alpha, mae, np.corrcoef(estimates, y)[0, 1])
+    return best
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 0.5, 30.0])
+def test_ridge_coefficients_match_lstsq_on_the_augmented_system(alpha):
+    x, dice, groups = validation_rows(seed=1)
+    x[:, 5] = 0.25  # a constant feature: centred, not scaled, coefficient 0
+    estimator = fit(x, dice, groups, feature_sets={"all": NAMES}, alphas=[alpha])
+    mean, scale, coef, intercept = ridge_by_lstsq(x, dice, alpha)
+    assert estimator.alpha == alpha and estimator.features == tuple(NAMES)
+    np.testing.assert_allclose(estimator.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(estimator.scale, scale, rtol=1e-12)
+    np.testing.assert_allclose(estimator.coef, coef, rtol=1e-9, atol=1e-12)
+    assert estimator.coef[5] == 0 and estimator.intercept == pytest.approx(intercept, rel=1e-12)
+    new = np.random.default_rng(2).uniform(-1, 2, (20, len(NAMES)))
+    np.testing.assert_allclose(estimator.predict(new), np.clip(intercept + (new - mean) / scale @ coef, 0, 1),
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sizes, n_folds", [([1] * 12, 5), ([3, 1, 4, 1, 5, 9, 2, 6], 3), ([2, 2, 7], 3)])
+def test_group_folds_never_split_a_group_and_balance_the_folds(sizes, n_folds):
+    labels = np.random.default_rng(0).permutation(np.repeat([f"case{i:02d}" for i in range(len(sizes))], sizes))
+    folds = group_folds(labels, n_folds)
+    assert folds.shape == labels.shape and set(folds.tolist()) == set(range(n_folds))
+    for label in set(labels.tolist()):
+        assert len(set(folds[labels == label].tolist())) == 1  # the whole group in one fold
+    loads = np.bincount(folds, minlength=n_folds)
+    assert loads.max() - loads.min() <= max(sizes)
+
+
+def test_group_folds_of_equal_groups_go_round_robin():
+    assert group_folds(np.repeat(np.arange(7), 2), 3).tolist() == [0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2, 0, 0]
+    with pytest.raises(ValueError, match="n_folds must be between 2 and the number of groups"):
+        group_folds([0, 1], 3)
+
+
+@pytest.mark.parametrize("per_case, seed", [(1, 0), (2, 3), (3, 4)])
+def test_cross_validation_metrics_equal_an_explicit_loop(per_case, seed):
+    x, dice, groups = validation_rows(n=45, per_case=per_case, seed=seed, noise=0.1)
+    estimator = fit(x, dice, groups)
+    folds = group_folds(groups, min(5, len(set(groups.tolist()))))
+    assert estimator.n_folds == 5 and estimator.n_rows == 45 and estimator.n_groups == len(set(groups.tolist()))
+    sets = default_feature_sets(NAMES)
+    assert list(estimator.feature_sets) == ["mean_sa", "sa_profile", "confidence", "all"] == list(sets)
+    maes = {}
+    for name, columns in sets.items():
+        index = [NAMES.index(column) for column in columns]
+        alpha, mae, r = cross_validate_by_hand(x[:, index], dice, folds, ALPHAS)
+        score = estimator.feature_sets[name]
+        assert score.features == tuple(columns) and score.alpha == alpha
+        assert score.cv_mae == pytest.approx(mae, rel=1e-9) and score.cv_r == pytest.approx(r, rel=1e-9)
+        maes[name] = mae
+    assert estimator.chosen == min(maes, key=maes.get) == "all"  # Dice depends on features of several sets
+    index = [NAMES.index(column) for column in sets["all"]]
+    mean, scale, coef, intercept = ridge_by_lstsq(x[:, index], dice, estimator.alpha)  # refit on all rows
+    np.testing.assert_allclose(estimator.coef, coef, rtol=1e-9, atol=1e-12)
+
+
+def test_a_perfectly_linear_relation_is_recovered():
+    x, _, groups = validation_rows(n=40, seed=5)
+    dice = 0.1 + 0.4 * x[:, 0] + 0.3 * x[:, 4]  # mean SA and confidence: only "all" has both
+    estimator = fit(x, dice, groups)
+    best = estimator.feature_sets["all"]
+    assert estimator.chosen == "all" and best.alpha == ALPHAS[0]
+    assert best.cv_r == pytest.approx(1, abs=1e-5) and best.cv_mae == pytest.approx(0, abs=1e-3)
+    np.testing.assert_allclose(estimator.predict(x), dice, atol=1e-3)
+    assert estimator.feature_sets["mean_sa"].cv_mae > 0.05  # one of the two alone is far off
+
+
+def test_predictions_are_clipped_and_nan_only_where_a_used_feature_is_nan():
+    x, dice, groups = validation_rows(seed=6)
+    estimator = fit(x, dice, groups, feature_sets={"profile": ["sa_enc", "sa_mid", "sa_dec"]})
+    assert estimator.chosen == "profile"
+    extreme = np.zeros((4, len(NAMES)))
+    extreme[0, 1:4], extreme[1, 1:4] = -50, 50
+    extreme[2, 1] = np.nan  # a used feature is undefined: no estimate
+    extreme[3, 4] = np.nan  # an unused one: no matter
+    estimated = estimator.predict(extreme)
+    assert estimated[:2].tolist() in ([0.0, 1.0], [1.0, 0.0]) and math.isnan(estimated[2])
+    assert 0 <= estimated[3] <= 1
+    batch = estimator.predict(torch.from_numpy(x.reshape(20, 3, len(NAMES))))  # (N, K, F) -> (N, K)
+    np.testing.assert_array_equal(batch, estimator.predict(x).reshape(20, 3))
+    with pytest.raises(ValueError, match="features must have 7 columns"):
+        estimator.predict(x[:, :6])
+
+
+def test_rows_with_an_undefined_feature_or_dice_are_left_out_and_counted():
+    x, dice, groups = validation_rows(seed=7)
+    x[3, 0] = np.nan  # empty prediction: SA undefined
+    dice[8] = np.nan  # empty label
+    estimator = fit(x, dice, groups)
+    keep = np.ones(x.shape[0], bool)
+    keep[[3, 8]] = False
+    assert (estimator.n_rows, estimator.n_excluded) == (58, 2)
+    assert estimator.to_dict() == {**fit(x[keep], dice[keep], groups[keep]).to_dict(), "n_excluded": 2}
+
+
+@pytest.mark.parametrize(
+    "rows, undefined, groups, match",
+    [
+        (9, 0, None, r"on 9 valid row\(s\) from 9 case\(s\) \(0 of 9 excluded .*at least 10 rows from 3 cases"),
+        (12, 0, [0] * 6 + [1] * 6, r"on 12 valid row\(s\) from 2 case\(s\)"),
+        (11, 2, None, r"on 9 valid row\(s\) from 9 case\(s\) \(2 of 11 excluded because a feature or the true Dice"),
+    ],
+)
+def test_too_few_cases_is_an_error_that_says_why(rows, undefined, groups, match):
+    x, dice, _ = validation_rows(n=rows)
+    x[:undefined, 4] = np.nan
+    with pytest.raises(ValueError, match=match):
+        fit(x, dice, groups)
+    assert fit(*validation_rows(n=10)).n_rows == 10  # 10 rows from 5 cases are enough
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"features": np.ones((12, 3))}, "feature_names must be 3 distinct names"),
+        ({"dice": np.full(12, 1.5)}, r"dice must be in \[0, 1\]"),
+        ({"dice": np.full(11, 0.5)}, "features has 12 rows but dice 11"),
+        ({"features": np.full((12, 7), np.inf)}, "finite or NaN"),
+        ({"groups": np.arange(11)}, "groups has 11 labels for 12 rows"),
+        ({"feature_sets": {"odd": ["sa_enc", "unknown"]}}, r"feature set 'odd' must name features.*\['unknown'\]"),
+        ({"alphas": [0.0, 1.0]}, "alphas must be positive"),
+    ],
+)
+def test_bad_inputs_are_named(change, match):
+    x, dice, groups = validation_rows(n=12)
+    kwargs = {"features": x, "dice": dice, "groups": groups, **change}
+    with pytest.raises(ValueError, match=match):
+        QualityEstimator.fit(kwargs.pop("features"), kwargs.pop("dice"), kwargs.pop("groups"), feature_names=NAMES,
+                             layers=LAYERS, **kwargs)
+
+
+def test_json_round_trip_is_exact(tmp_path):
+    x, dice, groups = validation_rows(seed=8)
+    estimator = fit(x, dice, groups)
+    path = estimator.save(tmp_path / "nested" / "estimator.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == ESTIMATOR_FORMAT and data["version"] == 1
+    assert data["versions"] == {"monai_protoseg": monai_protoseg.__version__, "torch": torch.__version__,
+                                "numpy": np.__version__}
+    assert data["feature_names"] == NAMES and data["layers"] == LAYERS and data["mean_sa_layers"] == LAYERS[1:]
+    loaded = QualityEstimator.load(str(path), layers=LAYERS, mean_sa_layers=LAYERS[1:])
+    assert loaded == estimator  # floats survive JSON exactly
+    np.testing.assert_array_equal(loaded.predict(x), estimator.predict(x))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["estimator.json"]  # no temporary file left
+
+
+def test_undefined_correlation_is_saved_as_null(tmp_path):
+    x, _, groups = validation_rows(seed=9)
+    estimator = fit(x, np.full(x.shape[0], 0.8), groups)  # constant Dice: out-of-fold estimates constant, r NaN
+    assert math.isnan(estimator.feature_sets["all"].cv_r)
+    path = estimator.save(tmp_path / "estimator.json")
+    assert json.loads(path.read_text())["feature_sets"]["all"]["cv_r"] is None
+    loaded = QualityEstimator.load(path)
+    assert math.isnan(loaded.feature_sets["all"].cv_r) and loaded.to_dict() == estimator.to_dict()
+
+
+def test_loading_for_other_layers_is_an_error_that_names_both(tmp_path):
+    path = fit(*validation_rows()).save(tmp_path / "estimator.json")
+    with pytest.raises(ValueError) as error:
+        QualityEstimator.load(path, layers=["enc", "dec"])
+    message = str(error.value)
+    assert str(path) in message and "['enc', 'mid', 'dec']" in message and "['enc', 'dec']" in message
+    assert "a network with other layers needs its own estimator" in message
+    with pytest.raises(ValueError, match=r"mean SA of \['dec'\]"):
+        QualityEstimator.load(path, layers=LAYERS, mean_sa_layers=["dec"])
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: {**d, "format": "monai_protoseg.QualityCalibration"}, "format must be 'monai_protoseg.Quality"),
+        (lambda d: {**d, "version": 2}, "version 2 is not supported"),
+        (lambda d: {k: v for k, v in d.items() if k not in ("coef", "layers")}, "missing field.*layers.*coef"),
+        (lambda d: {**d, "coef": d["coef"][:-1]}, "one mean, scale and coef each"),
+        (lambda d: {**d, "intercept": None}, "intercept must be a finite number"),
+        (lambda d: {**d, "layers": "enc"}, "layers must be a list"),
+        (lambda d: {**d, "chosen": "nothing"}, "contains the chosen set 'nothing'"),
+        (lambda d: {**d, "n_rows": -1}, "n_rows must be an integer >= 0"),
+        (lambda d: [d], "must be a JSON object"),
+    ],
+)
+def test_load_rejects_wrong_content_naming_the_file(tmp_path, edit, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(edit(fit(*validation_rows()).to_dict())))
+    with pytest.raises(ValueError, match=match) as error:
+        QualityEstimator.load(path)
+    assert f"{path} is not a valid QualityEstimator file" in str(error.value)
+
+
+def test_load_of_corrupt_or_missing_files_names_them(tmp_path):
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_bytes(b'{"format": "monai_protoseg.QualityEstimator", "coef": [0.')
+    with pytest.raises(ValueError, match="is not a QualityEstimator JSON file") as error:
+        QualityEstimator.load(corrupt)
+    assert str(corrupt) in str(error.value)
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        QualityEstimator.load(tmp_path / "absent.json")
+
+
+def test_failed_replace_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    path = fit(*validation_rows()).save(tmp_path / "estimator.json")
+    before = path.read_bytes()
+
+    def failing_replace(source, destination):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk went away"):
+        fit(*validation_rows(seed=3)).save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["estimator.json"]
+
+
+def test_features_match_hand_computed_values_sigmoid():
+    prob = torch.tensor([[[[0.9, 0.6], [0.2, 0.1]], [[0.4, 0.3], [0.2, 0.1]]]])  # (B=1, K=2, 2, 2)
+    prediction = prob > 0.5  # class 0 predicts 2 pixels, class 1 none
+    flipped = torch.tensor([[[[True, False], [True, False]], [[False, False], [False, False]]]])
+    layer_sa = torch.tensor([[[0.8, math.nan], [0.6, math.nan], [0.4, math.nan]]])  # (B, L=3, K)
+    rows = quality_features(prob, prediction, layer_sa, [1, 2], tta_prediction=flipped)
+    assert rows.shape == (1, 2, 8) and rows.dtype == torch.float64
+    assert feature_names(LAYERS, tta=True) == [*NAMES, "tta_disagreement"]
+    # class 0: mean SA of layers 1, 2; fg_prob (0.9 + 0.6) / 2; max(p, 1 - p) = 0.9, 0.6, 0.8, 0.9; volume 2 / 4;
+    # TTA: 1 overlapping pixel of 2 + 2: 1 - 2 * 1 / 4
+    np.testing.assert_allclose(rows[0, 0].numpy(), [0.5, 0.8, 0.6, 0.4, 0.75, 0.8, 0.5, 0.5], atol=1e-7)
+    # class 1: empty prediction: SA and fg_prob undefined, volume 0, both predictions empty: no disagreement
+    assert torch.isnan(rows[0, 1, :5]).all()
+    np.testing.assert_allclose(rows[0, 1, 5:].numpy(), [(0.6 + 0.7 + 0.8 + 0.9) / 4, 0, 0], atol=1e-7)
+
+
+def test_features_match_hand_computed_values_softmax():
+    logits = torch.tensor([[[[2.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]], [[0.0, 0.0, 3.0]]]])  # (B=1, C=3, 1, 3)
+    channel_prob = torch.softmax(logits, 1)
+    prob = channel_prob[:, 1:]  # background dropped
+    prediction = torch.nn.functional.one_hot(channel_prob.argmax(1), 3).permute(0, 3, 1, 2)[:, 1:].bool()
+    rows = quality_features(prob, prediction, torch.full((1, 1, 2), 0.5), [0], channel_prob=channel_prob)
+    top = channel_prob.amax(1).mean().item()  # mean over pixels of the max over all channels, for every class
+    e = math.e
+    assert top == pytest.approx((e**2 / (e**2 + 2) + e / (e + 2) + e**3 / (e**3 + 2)) / 3, rel=1e-6)
+    assert rows.shape == (1, 2, 5)  # mean_sa, one layer's SA, fg_prob, max_prob, volume
+    np.testing.assert_allclose(rows[0, :, 2].numpy(), [e / (e + 2), e**3 / (e**3 + 2)], rtol=1e-6)  # fg_prob
+    np.testing.assert_allclose(rows[0, :, 3].numpy(), [top, top], rtol=1e-6)
+    np.testing.assert_allclose(rows[0, :, 4].numpy(), [1 / 3, 1 / 3])  # volume
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prediction": torch.ones(2, 1, 4, 5)}, "prob and prediction must both be"),
+        ({"layer_sa": torch.ones(2, 3, 2)}, r"layer_sa must be \(B=2, L, K=1\)"),
+        ({"mean_sa_layers": [3]}, r"indices in \[0, 3\)"),
+        ({"channel_prob": torch.ones(2, 2, 4, 5)}, "channel_prob must be"),
+        ({"tta_prediction": torch.ones(2, 2, 4, 4)}, "tta_prediction must be"),
+    ],
+)
+def test_feature_inputs_are_checked(kwargs, match):
+    args = {"prob": torch.rand(2, 1, 4, 4), "prediction": torch.ones(2, 1, 4, 4), "layer_sa": torch.ones(2, 3, 1),
+            "mean_sa_layers": [1, 2], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        quality_features(args.pop("prob"), args.pop("prediction"), args.pop("layer_sa"), args.pop("mean_sa_layers"),
+                         **args)
+
+
+def test_cv_table_lists_every_set_and_marks_the_chosen_one():
+    estimator = fit(*validation_rows())
+    lines = estimator.cv_table().splitlines()
+    assert len(lines) == 5 and "CV r" in lines[0] and "CV MAE" in lines[0]
+    assert [line[2:].split()[0] for line in lines[1:]] == list(estimator.feature_sets)
+    assert [line.startswith("*") for line in lines[1:]] == [name == estimator.chosen for name in estimator.feature_sets]
