@@ -28,7 +28,6 @@ Pure numpy/torch and the standard library: no ignite, no MONAI, no scikit-learn.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_write_text
+from .io import read_json, write_json
 from .quality import _is_int
 
 __all__ = [
@@ -493,12 +492,12 @@ class QualityEstimator:
         return cls(**values)
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
-        """Write the estimator to ``path`` as JSON, atomically (see ``monai_protoseg.io.atomic_write_text``).
+        """Write the estimator to ``path`` as JSON, atomically (see ``monai_protoseg.io.write_json``).
 
         Returns:
             ``path`` as a ``pathlib.Path``.
         """
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(
@@ -510,13 +509,7 @@ class QualityEstimator:
             FileNotFoundError: ``path`` does not exist (the message names it).
             ValueError: the file is not a valid estimator, or was fitted on other layers; the message names the file.
         """
-        path = pathlib.Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"no QualityEstimator file at {path}") from error
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a QualityEstimator JSON file ({error}).") from error
+        data = read_json(path, "QualityEstimator")
         try:
             estimator = cls.from_dict(data)
         except ValueError as error:

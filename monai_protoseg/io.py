@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import pathlib
@@ -130,6 +131,33 @@ def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Itera
     writer.writerow(header)
     writer.writerows(rows)
     return atomic_write_text(path, text.getvalue())
+
+
+def write_json(path: str | os.PathLike, data: Any) -> pathlib.Path:
+    """Write ``data`` to ``path`` as indented JSON, atomically; NaN and Inf are refused (they are not JSON).
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+    """
+    return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, kind: str) -> Any:
+    """Read the JSON file ``path`` holding a ``kind`` (e.g. ``"QualityCalibration"``), for error messages.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names it and ``kind``).
+        ValueError: the file is not UTF-8 text or not valid JSON; the message names the file, ``kind`` and the reason.
+    """
+    path = pathlib.Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"no {kind} file at {path}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a {kind} JSON file: it is not UTF-8 text ({error}).") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a {kind} JSON file: invalid JSON ({error}).") from error
 
 
 def format_number(value: Any) -> str:

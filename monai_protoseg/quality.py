@@ -10,7 +10,6 @@ Pure numpy/torch and the standard library: no ignite, no MONAI.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_write_text
+from .io import read_json, write_json
 
 __all__ = ["QualityCalibration", "CALIBRATION_FORMAT", "CALIBRATION_VERSION", "MIN_CASES"]
 
@@ -243,12 +242,12 @@ class QualityCalibration:
         return cls(**values)
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
-        """Write the calibration to ``path`` as JSON, atomically (see ``monai_protoseg.io.atomic_write_text``).
+        """Write the calibration to ``path`` as JSON, atomically (see ``monai_protoseg.io.write_json``).
 
         Returns:
             ``path`` as a ``pathlib.Path``.
         """
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QualityCalibration:
@@ -265,19 +264,7 @@ class QualityCalibration:
             >>> QualityCalibration.load(path) == calibration
             True
         """
-        path = pathlib.Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"no QualityCalibration file at {path}") from error
-        except UnicodeDecodeError as error:
-            raise ValueError(
-                f"{path} is not a QualityCalibration JSON file: it is not UTF-8 text ({error})."
-            ) from error
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a QualityCalibration JSON file: invalid JSON ({error}).") from error
+        data = read_json(path, "QualityCalibration")
         try:
             return cls.from_dict(data)
         except ValueError as error:
