@@ -253,8 +253,12 @@ def estimates(validation: dict[str, np.ndarray], test: dict[str, np.ndarray], na
     sets = default_feature_sets(names)
     for label, chosen_sets in [*((f"estimator: {set_name}", {set_name: columns}) for set_name, columns in sets.items()),
                                ("estimator: chosen by CV", sets)]:
-        estimator = QualityEstimator.fit(validation["features"], validation["true Dice"], validation["source"],
-                                         feature_names=names, layers=layers, feature_sets=chosen_sets)
+        try:
+            estimator = QualityEstimator.fit(validation["features"], validation["true Dice"], validation["source"],
+                                             feature_names=names, layers=layers, feature_sets=chosen_sets)
+        except ValueError as error:  # too few valid validation cases (a --quick run): said in the table, not hidden
+            methods[f"{label} (not fitted: {error})"] = (np.full(test["true Dice"].size, math.nan), math.nan, math.nan)
+            continue
         score = estimator.feature_sets[estimator.chosen]
         if len(chosen_sets) > 1:
             label += f" ({estimator.chosen})"
@@ -267,6 +271,9 @@ def estimator_table(methods: dict[str, tuple[np.ndarray, float, float]], dice: n
     rows = []
     for name, (estimate, cv_r, cv_mae) in methods.items():
         defined = ~np.isnan(estimate)
+        if not defined.any():
+            rows.append([name, "0", *["-"] * 6])
+            continue
         precision, recall = flag_scores(estimate[defined], dice[defined])
         rows.append([name, str(int(defined.sum())), signed(pearson(estimate[defined], dice[defined])),
                      f"{np.abs(estimate[defined] - dice[defined]).mean():.3f}",
@@ -284,9 +291,11 @@ def estimator_checks(methods: dict[str, tuple[np.ndarray, float, float]], dice: 
     """The chosen estimator against the best single-signal baseline, in r and in MAE."""
     def r_and_mae(estimate: np.ndarray) -> tuple[float, float]:
         defined = ~np.isnan(estimate)
+        if not defined.any():
+            return math.nan, math.nan
         return pearson(estimate[defined], dice[defined]), float(np.abs(estimate[defined] - dice[defined]).mean())
 
-    chosen = r_and_mae(next(estimate for name, (estimate, _, _) in methods.items() if "chosen" in name))
+    chosen = r_and_mae(next(estimate for name, (estimate, _, _) in methods.items() if "chosen by CV" in name))
     baselines = {name: r_and_mae(methods[name][0]) for name in BASELINES}
     best_r = max(baselines, key=lambda name: baselines[name][0])
     best_mae = min(baselines, key=lambda name: baselines[name][1])

@@ -31,7 +31,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
     "core": (bench_core, [], ["--size", "32", "--repeats", "1"]),
     "validation": (bench_validation, [], ["--size", "64", "--cases", "1", "--repeats", "1"]),
     "quality": (bench_quality, [], ["--quick", "--size", "32", "--train-steps", "10", "--sources", "4", "--levels",
-                                    "2", "--tta", "2"]),
+                                    "3", "--tta", "2"]),
     "scaling": (bench_scaling, [], ["--sizes", "32,48,64", "--layers-size", "32", "--layer-counts", "1,2,all",
                                     "--repeats", "1"]),
 }

@@ -21,7 +21,7 @@ from benchmarks.results import Check, Table, number
 TITLES = {
     "core": "SA against the naive formulation (issue 2)",
     "validation": "Validation with and without SAScoreHandler (issue 3)",
-    "quality": "Quality estimate without ground truth (issue 4)",
+    "quality": "Quality estimate without ground truth (issues 3 and 6)",
     "scaling": "Scaling with volume size and probed layers",
 }
 CHECK_COLUMNS = ["figure", "value", "target", "result"]
@@ -112,7 +112,9 @@ def test_each_section_names_its_command_and_has_its_tables(quick_run):
         "core": [["method", "time (s)", "extra peak (MiB)"]],
         "validation": [["inferer", "plain (s)", "with SA (s)"]],
         "quality": [["signal", "test n", "Pearson r", "MAE", "common n", "r (common)", "MAE (common)", "val r",
-                     "val LOO MAE"], ["signal", "noise", "blur", "bias", "contrast"]],
+                     "val LOO MAE"], ["signal", "noise", "blur", "bias", "contrast"],
+                    ["method", "test n", "r (estimate)", "MAE", "flag precision", "flag recall", "val CV r",
+                     "val CV MAE"]],
         "scaling": [["size", "voxels", "features (MiB)", "layer-wise (s)", "layer-wise (ns/voxel)",
                      "layer-wise peak (MiB)", "unit-wise (s)", "unit-wise (ns/voxel)", "unit-wise peak (MiB)"],
                     ["layers", "units", "layer-wise (s)", "layer-wise (ms/layer)", "layer-wise peak (MiB)",
@@ -143,11 +145,22 @@ def test_figures_follow_from_the_measurements(quick_run):
         assert check["figure"] == f"{row['inferer']}: with SA / plain time"
         assert_quotient(check["value"], row["with SA (s)"], row["plain (s)"])
 
-    scores, _, quality_checks = tables(found[TITLES["quality"]])
+    scores, _, methods, quality_checks = tables(found[TITLES["quality"]])
     *signals, no_signal = scores
-    for row, check in zip(signals, quality_checks, strict=True):
+    for row, check in zip(signals, quality_checks[:len(signals)], strict=True):
         assert check["figure"] == f"{row['signal']}: MAE / MAE of no signal"
         assert_quotient(check["value"], row["MAE (common)"], no_signal["MAE (common)"])
+    # the chosen estimator against the best calibrated single-signal baseline, in r and in MAE
+    baselines = {row["method"]: row for row in methods if not row["method"].startswith("estimator")}
+    [chosen] = [row for row in methods if row["method"].startswith("estimator: chosen by CV")]
+    r_check, mae_check = quality_checks[len(signals):]
+    best_r = max(baselines, key=lambda name: float(baselines[name]["r (estimate)"]))
+    best_mae = min(baselines, key=lambda name: float(baselines[name]["MAE"]))
+    assert r_check["figure"] == f"estimator r - best baseline r ({best_r})"
+    assert float(r_check["value"]) == pytest.approx(
+        float(chosen["r (estimate)"]) - float(baselines[best_r]["r (estimate)"]), abs=2e-3)
+    assert mae_check["figure"] == f"estimator MAE / best baseline MAE ({best_mae})"
+    assert_quotient(mae_check["value"], chosen["MAE"], baselines[best_mae]["MAE"])
 
     volumes, layers, scaling_checks = tables(found[TITLES["scaling"]])
     voxels = [int(row["voxels"]) for row in volumes]
