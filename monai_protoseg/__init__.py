@@ -2,7 +2,7 @@
 
 from .checks import CheckedLoadImaged, CheckSpatialShaped
 from .estimator import QualityEstimator, quality_features
-from .handlers import MeanSAQualityHandler, PrototypeMapHandler, SAScoreHandler
+from .handlers import AttributionHandler, MeanSAQualityHandler, PrototypeMapHandler, SAScoreHandler
 from .inferers import ProtoSegInferer
 from .maps import MapSnapshot, plot_prototype_maps, read_snapshot, save_snapshot, take_snapshot, tile_snapshot
 from .metrics import SAScoreMetric
@@ -24,6 +24,7 @@ __all__ = [
     "SAScoreMetric",
     "SAScoreHandler",
     "MeanSAQualityHandler",
+    "AttributionHandler",
     "PrototypeMapHandler",
     "MapSnapshot",
     "take_snapshot",

@@ -9,8 +9,7 @@ import logging
 import math
 import os
 import pathlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import ignite.distributed as idist
 import numpy as np
@@ -28,7 +27,7 @@ from ..io import atomic_write_csv, format_number
 from ..metrics import SAScoreMetric
 from ..quality import QualityCalibration
 from ..recorder import candidate_layers, last_decoder_layers
-from .probe import LayerProbeHandler, as_batch
+from .probe import LayerProbeHandler, as_batch, forward_hooks_suspended
 
 __all__ = ["MeanSAQualityHandler"]
 
@@ -367,7 +366,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
             inferer = inferer.inferer
         flipped = torch.flip(image.as_subclass(torch.Tensor), dims=(-1,))
         amp = torch.autocast("cuda", **engine.amp_kwargs) if getattr(engine, "amp", False) else contextlib.nullcontext()
-        with eval_mode(network), amp, _forward_hooks_suspended(network):
+        with eval_mode(network), amp, forward_hooks_suspended(network):
             logits = inferer(flipped, network) if inferer is not None else network(flipped)
         prob = torch.flip(logits.as_subclass(torch.Tensor).float(), dims=(-1,))
         if self.activation == "sigmoid":
@@ -400,16 +399,3 @@ class MeanSAQualityHandler(LayerProbeHandler):
                 rows.append([case, class_name, *(format_number(v) for v in row), format_number(estimated[n, k]),
                              bool(review[n, k]), row_note])
         atomic_write_csv(self.csv_path, columns, rows)
-
-
-@contextlib.contextmanager
-def _forward_hooks_suspended(network: nn.Module) -> Iterator[None]:
-    """Suspend every forward hook of ``network``, so that no recorder (this handler's or another's) sees a pass."""
-    saved = {module: module._forward_hooks for module in network.modules()}
-    try:
-        for module in saved:
-            module._forward_hooks = OrderedDict()
-        yield
-    finally:
-        for module, hooks in saved.items():
-            module._forward_hooks = hooks

@@ -3,9 +3,11 @@ sliding-window inferer, and the network's soft output as per-class foreground pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 
 import ignite.distributed as idist
 import torch
@@ -256,3 +258,17 @@ def _add_first(engine: Engine, event: Events, handler: Callable) -> None:
     engine.add_event_handler(event, handler)
     handlers = engine._event_handlers[event]
     handlers.insert(0, handlers.pop())
+
+
+@contextlib.contextmanager
+def forward_hooks_suspended(network: nn.Module) -> Iterator[None]:
+    """Suspend every forward hook of ``network`` for an extra pass (a flipped input, an attribution method, a
+    masked input), so that no recorder (this handler's or another's) sees it; the hooks are back afterwards."""
+    saved = {module: module._forward_hooks for module in network.modules()}
+    try:
+        for module in saved:
+            module._forward_hooks = OrderedDict()
+        yield
+    finally:
+        for module, hooks in saved.items():
+            module._forward_hooks = hooks
