@@ -7,8 +7,9 @@ the command line, the date, the machine, a summary of every figure derived from 
 and one section per benchmark: the command that reproduces that benchmark alone, its settings, its measurement tables
 and its figures. Benchmarks: core (``bench_core.py``, SA against the naive formulation), validation
 (``bench_validation.py``, an evaluator with and without ``SAScoreHandler``), quality (``bench_quality.py``, mean SA
-as a quality estimate) and scaling (``bench_scaling.py``, SA as the volume and the number of layers grow), with their
-own default settings. ``--quick`` runs each on tiny sizes with one repeat: a smoke run whose numbers mean nothing.
+as a quality estimate), scaling (``bench_scaling.py``, SA as the volume and the number of layers grow) and attribution
+(``bench_attribution.py``, every attribution method and ProtoSeg's maps on a 2D and a 3D task), with their own
+default settings. ``--quick`` runs each on tiny sizes with one repeat: a smoke run whose numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from types import ModuleType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_core, bench_quality, bench_scaling, bench_validation  # noqa: E402
+from benchmarks import bench_attribution, bench_core, bench_quality, bench_scaling, bench_validation  # noqa: E402
 from benchmarks.results import BenchmarkResult, Table, command, machine_details  # noqa: E402
 from monai_protoseg.io import atomic_write_text  # noqa: E402
 
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
                                     "3", "--tta", "2"]),
     "scaling": (bench_scaling, [], ["--sizes", "32,48,64", "--layers-size", "32", "--layer-counts", "1,2,all",
                                     "--repeats", "1"]),
+    "attribution": (bench_attribution, [], ["--quick"]),
 }
 """Each benchmark by name: its module, its arguments in a full run and in a ``--quick`` run."""
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.figure import Figure
 
+from .handlers.attribution import COLUMNS as ATTRIBUTION_COLUMNS
 from .io import atomic_write_bytes, atomic_write_text
 from .maps import plot_prototype_maps, read_snapshot
 from .quality import QualityCalibration
@@ -34,6 +35,7 @@ __all__ = [
     "read_layer_scores",
     "read_unit_scores",
     "read_quality",
+    "read_attribution_metrics",
     "plot_layer_sa",
     "plot_unit_sa",
     "plot_quality",
@@ -522,8 +524,60 @@ def _prototype_map_section(run: RunFiles) -> Section | None:
     )
 
 
+def read_attribution_metrics(path: str | os.PathLike) -> list[dict[str, str | bool | int | float]]:
+    """Read ``attribution_metrics.csv`` as ``benchmarks/bench_attribution.py --output-dir`` writes it: one row per
+    task and method, with ``task``, ``method``, ``reference`` (a reference map, not a method), ``cases``, the means of
+    the four faithfulness columns of :class:`~monai_protoseg.AttributionHandler` and ``seconds_per_case``.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not that kind of CSV (the message names the file).
+    """
+    numbers = ["cases", *ATTRIBUTION_COLUMNS, "seconds_per_case"]
+    rows = _read_rows(path, ["task", "method", "reference", *numbers])
+    values = {column: _floats(rows, column, path) for column in numbers}
+    return [{"task": row["task"], "method": row["method"], "reference": row["reference"] == "True",
+             **{column: int(values[column][i]) if column == "cases" else float(values[column][i])
+                for column in numbers}}
+            for i, row in enumerate(rows)]
+
+
+def _attribution_section(run: RunFiles) -> Section | None:
+    """The attribution methods compared, from ``attribution/`` (``bench_attribution.py --output-dir
+    RUN_DIR/attribution`` writes it): the table of ``attribution_metrics.csv`` and the figure
+    ``attribution_maps.png`` as saved, each when present."""
+    folder = run.run_dir / "attribution"
+    metrics, figure = folder / "attribution_metrics.csv", folder / "attribution_maps.png"
+    if not metrics.is_file() and not figure.is_file():
+        return None
+    summary: list[str] = []
+    blocks: list[Block] = [Paragraph(
+        "Faithfulness of each method's attribution maps, mean over the cases: Prediction Preserved (PP, higher is "
+        "better: how much of the prediction the image multiplied by the map keeps) beside Image Preserved (IP, lower "
+        "is better: the map's mean); a map of all ones gets PP = IP = 1. Deletion AUC (lower is better) and insertion "
+        "AUC (higher is better): the predicted region's probability as the map's top pixels are removed or alone "
+        "revealed. The figure: one row per case (a 3D case at the slice with the most predicted foreground), the "
+        "image, the prediction, then each method's map.")]
+    if metrics.is_file():
+        rows = read_attribution_metrics(metrics)
+        for task in dict.fromkeys(row["task"] for row in rows):
+            methods = [row for row in rows if row["task"] == task and not row["reference"]
+                       and not math.isnan(row["deletion_auc"])]
+            if methods:
+                best = min(methods, key=lambda row: row["deletion_auc"])
+                summary.append(f"Attribution on the {task} task ({best['cases']} cases): the lowest deletion AUC of "
+                               f"{len(methods)} methods is {best['method']} ({best['deletion_auc']:.3f}).")
+        cells = [[row["task"], row["method"],
+                  *("-" if math.isnan(row[column]) else f"{row[column]:.3f}" for column in ATTRIBUTION_COLUMNS),
+                  f"{row['seconds_per_case']:.3g}"] for row in rows]
+        header = ["task", "method", "PP", "IP", "deletion AUC", "insertion AUC", "s/case"]
+        blocks.append(Table(header, cells, right=[False, False, True, True, True, True, True]))
+    if figure.is_file():
+        blocks.append(PNGImage("attribution_maps.png", "attribution maps", figure.read_bytes()))
+    return Section("Attribution methods compared", summary=summary, blocks=blocks)
+
+
 SECTIONS: list[Callable[[RunFiles], Section | None]] = [_layer_section, _unit_section, _prototype_map_section,
-                                                        _quality_section, _inference_section]
+                                                        _quality_section, _inference_section, _attribution_section]
 """The report's section builders, in report order. Each returns its section, or ``None`` when its files are absent;
 a new section is one more builder in this list."""
 

@@ -23,6 +23,7 @@ TITLES = {
     "validation": "Validation with and without SAScoreHandler (issue 3)",
     "quality": "Quality estimate without ground truth (issues 3 and 6)",
     "scaling": "Scaling with volume size and probed layers",
+    "attribution": "Attribution methods and ProtoSeg maps compared",
 }
 CHECK_COLUMNS = ["figure", "value", "target", "result"]
 
@@ -73,7 +74,7 @@ def assert_verdict(row: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
-    """The written file, the returned text and what was printed, of one --quick run (about 10 s on 2 idle cores)."""
+    """The written file, the returned text and what was printed, of one --quick run (about 15 s on 2 idle cores)."""
     output = tmp_path_factory.mktemp("bench") / "RESULTS.md"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -86,7 +87,7 @@ def test_writes_and_prints_one_markdown_file_with_the_command(quick_run):
     written, returned, printed = quick_run
     assert written == returned and written in printed
     for index, name in enumerate(TITLES, 1):
-        assert f"[{index}/4] {name}: .venv/bin/python benchmarks/bench_" in printed  # progress lines
+        assert f"[{index}/{len(TITLES)}] {name}: .venv/bin/python benchmarks/bench_" in printed  # progress lines
     assert written.startswith("# Benchmark results\n\nWritten by `.venv/bin/python benchmarks/run_all.py --quick "
                               "--output ")
     assert "smoke run" in written
@@ -119,6 +120,8 @@ def test_each_section_names_its_command_and_has_its_tables(quick_run):
                      "layer-wise peak (MiB)", "unit-wise (s)", "unit-wise (ns/voxel)", "unit-wise peak (MiB)"],
                     ["layers", "units", "layer-wise (s)", "layer-wise (ms/layer)", "layer-wise peak (MiB)",
                      "unit-wise (s)", "unit-wise (ms/unit)", "unit-wise peak (MiB)"]],
+        "attribution": [["method", "Prediction Preserved", "Image Preserved", "deletion AUC", "insertion AUC",
+                         "time (s/case)"]] * 2,
     }
     for name, title in TITLES.items():
         module, _, quick = run_all.BENCHMARKS[name]
@@ -178,6 +181,14 @@ def test_figures_follow_from_the_measurements(quick_run):
     for check, slope in zip(scaling_checks, slopes, strict=True):
         assert float(check["value"]) == pytest.approx(slope, abs=0.01), check["figure"]
     assert [row["units"] for row in layers] == ["16", "48", "609"]
+
+    *attribution, attribution_checks = tables(found[TITLES["attribution"]])
+    compared = [("ProtoSeg input image", "random"), ("ProtoSeg layers", "random"), ("ProtoSeg layers", "prediction")]
+    expected = [(task, {row["method"]: row for row in rows}, name, reference)
+                for task, rows in zip(("2D", "3D"), attribution, strict=True) for name, reference in compared]
+    for check, (task, rows, name, reference) in zip(attribution_checks, expected, strict=True):
+        assert check["figure"] == f"{task}: {name} deletion AUC / {reference} map's"
+        assert_quotient(check["value"], rows[name]["deletion AUC"], rows[f"{reference} (reference)"]["deletion AUC"])
 
     summary = []
     for name, title in TITLES.items():

@@ -195,3 +195,33 @@ def test_prototype_map_snapshots_become_a_section_with_one_figure(tmp_path):
     assert (report.parent / "prototype_maps.png").read_bytes()[:4] == b"\x89PNG"
     page = (report.parent / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3  # layer-wise, prototype maps, quality
+
+
+def test_attribution_results_become_a_section_with_their_table_and_figure(tmp_path):
+    write_run(tmp_path, units=False, inference=False)
+    columns = ["task", "method", "reference", "cases", "prediction_preserved", "image_preserved", "deletion_auc",
+               "insertion_auc", "seconds_per_case"]
+    atomic_write_csv(tmp_path / "attribution" / "attribution_metrics.csv", columns, [
+        ["2D", "Grad-CAM", "False", "8", "0.831000", "0.339000", "0.508000", "0.750000", "0.005271"],
+        ["2D", "ProtoSeg layers", "False", "8", "0.892000", "0.236000", "0.226000", "0.905000", "0.003590"],
+        ["2D", "random (reference)", "True", "8", "0.943000", "0.502000", "0.100000", "0.847000", "0.000027"],
+        ["3D", "Grad-CAM", "False", "4", "nan", "0.089000", "nan", "nan", "0.017510"],
+    ])
+    text = write_report(tmp_path).read_text()
+    assert "## Attribution methods compared" in text
+    # the summary names the lowest deletion AUC among the methods (not the reference rows); 3D has none defined
+    assert ("- Attribution on the 2D task (8 cases): the lowest deletion AUC of 2 methods is ProtoSeg layers "
+            "(0.226).") in text.splitlines()
+    assert "Attribution on the 3D task" not in text
+    assert "| 2D | random (reference) | 0.943 | 0.502 | 0.100 | 0.847 | 2.7e-05 |" in text.splitlines()
+    assert "| 3D | Grad-CAM | - | 0.089 | - | - | 0.0175 |" in text.splitlines()
+    assert "attribution_maps.png" not in text  # no figure saved: none shown
+
+    png = (tmp_path / "report" / "layer_sa.png").read_bytes()
+    (tmp_path / "attribution" / "attribution_metrics.csv").unlink()
+    (tmp_path / "attribution" / "attribution_maps.png").write_bytes(png)
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert "## Attribution methods compared" in text and "![attribution maps](attribution_maps.png)" in text
+    assert (report.parent / "attribution_maps.png").read_bytes() == png
+    assert report.with_name("report.html").read_text().count("data:image/png;base64,") == 3  # layer SA, maps, quality

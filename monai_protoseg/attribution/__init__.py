@@ -16,6 +16,7 @@ from .base import (
     target_score,
 )
 from .faithfulness import deletion_insertion, image_preserved, masked_prediction, prediction_preserved
+from .figures import plot_attribution_maps
 from .gradcam import GradCAM
 from .gradcampp import GradCAMpp
 from .kwc import KernelWeightedContribution
@@ -43,4 +44,5 @@ __all__ = [
     "image_preserved",
     "masked_prediction",
     "deletion_insertion",
+    "plot_attribution_maps",
 ]
