@@ -162,7 +162,7 @@ def take_snapshot(
     stacked = torch.stack([value.as_subclass(torch.Tensor).to(prob.device, torch.float32) for value in maps.values()])
     sa = _dice(stacked, reference)
     if len(size) == 3:
-        index = _slice_index([reference, prediction], slice_index)
+        index = slice_with_most_foreground([reference, prediction], slice_index)
         image, prob, stacked = image[..., index], prob[..., index], stacked[..., index]
         label = None if label is None else label[..., index]
     elif slice_index is not None:
@@ -205,7 +205,7 @@ def _dice(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return dice.masked_fill(undefined, math.nan)
 
 
-def _slice_index(references: Sequence[torch.Tensor], slice_index: int | None) -> int:
+def slice_with_most_foreground(references: Sequence[torch.Tensor], slice_index: int | None) -> int:
     """The slice along the last axis of ``(H, W, D)`` masks: ``slice_index`` (checked), else the one with the most
     foreground in the first mask that has any, else the middle one."""
     depth = references[0].shape[-1]

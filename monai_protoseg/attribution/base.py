@@ -27,7 +27,7 @@ from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, SegResNet, UNe
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from monai_protoseg.recorder import FeatureRecorder, candidate_layers, resolve_layers
+from ..recorder import FeatureRecorder, candidate_layers, resolve_layers
 
 __all__ = [
     "decoder_layers",
@@ -114,10 +114,10 @@ def target_region(
         >>> target_region(logits, "pred", class_index=1)
         tensor([[[[1., 0.]]]])
     """
-    _check_output(output, class_index, activation)
+    check_output(output, class_index, activation)
     expected = (output.shape[0], 1, *output.shape[2:])
     if isinstance(region, torch.Tensor):
-        return _checked_mask(region, expected, "region").to(device=output.device, dtype=output.dtype)
+        return checked_mask(region, expected, "region").to(device=output.device, dtype=output.dtype)
     if region == "pred":
         output = output.detach()
         if activation == "softmax":
@@ -168,10 +168,10 @@ def target_score(
         >>> target_score(logits, torch.tensor([[[[1.0, 0.0]]]]), class_index=1)
         tensor([1.])
     """
-    _check_output(output, class_index, activation)
+    check_output(output, class_index, activation)
     if use not in USES:
         raise ValueError(f'use must be "logit" or "prob", got {use!r}.')
-    _checked_mask(region_mask, (output.shape[0], 1, *output.shape[2:]), "region_mask")
+    checked_mask(region_mask, (output.shape[0], 1, *output.shape[2:]), "region_mask")
     if use == "prob" and activation == "softmax":
         output = torch.softmax(output, dim=1)
     elif use == "prob" and activation == "sigmoid":
@@ -345,7 +345,7 @@ class SegmentationAttribution:
         inputs = convert_to_tensor(inputs, track_meta=False).detach()
         region = self.region if region is None else region
         grad_mode = torch.enable_grad() if self.uses_gradients else torch.no_grad()
-        with _kept_as_is(self.network), torch.inference_mode(False), grad_mode:
+        with network_kept_as_is(self.network), torch.inference_mode(False), grad_mode:
             self.network.eval()
             if inputs.is_inference():  # made under inference_mode: autograd cannot save it; a copy can
                 inputs = inputs.clone()
@@ -435,7 +435,7 @@ class _GraphRecorder(FeatureRecorder):
 
 
 @contextmanager
-def _kept_as_is(network: nn.Module) -> Iterator[None]:
+def network_kept_as_is(network: nn.Module) -> Iterator[None]:
     """Restore every module's training mode and every parameter's ``requires_grad`` and ``.grad`` on exit."""
     modes = [(module, module.training) for module in network.modules()]
     parameters = [(parameter, parameter.requires_grad, parameter.grad) for parameter in network.parameters()]
@@ -449,7 +449,8 @@ def _kept_as_is(network: nn.Module) -> Iterator[None]:
             parameter.grad = grad
 
 
-def _check_output(output: torch.Tensor, class_index: int, activation: str | None) -> None:
+def check_output(output: torch.Tensor, class_index: int, activation: str | None) -> None:
+    """Check a network output ``(B, C, *S)`` against ``class_index`` and ``activation``; ValueError naming the problem."""
     if activation not in ACTIVATIONS:
         raise ValueError(f'activation must be "softmax", "sigmoid" or None, got {activation!r}.')
     if output.ndim < 3:
@@ -461,7 +462,8 @@ def _check_output(output: torch.Tensor, class_index: int, activation: str | None
                          f"channel(s){hint}.")
 
 
-def _checked_mask(mask: torch.Tensor, expected: tuple[int, ...], name: str) -> torch.Tensor:
+def checked_mask(mask: torch.Tensor, expected: tuple[int, ...], name: str) -> torch.Tensor:
+    """``mask`` as a plain tensor of shape ``expected``; ValueError naming the argument ``name`` otherwise."""
     mask = convert_to_tensor(mask, track_meta=False)
     if tuple(mask.shape) != tuple(expected):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected (B, 1, *S) = {tuple(expected)}.")
@@ -503,7 +505,7 @@ def _known_bottleneck(network: nn.Module, names: list[str]) -> int:
 
 def _probe_bottleneck(network: nn.Module, names: list[str], example_input: torch.Tensor) -> int:
     """Index of the last of the candidate layers with the smallest spatial output, measured on ``example_input``."""
-    with _kept_as_is(network), torch.no_grad(), FeatureRecorder(network, names) as recorder:
+    with network_kept_as_is(network), torch.no_grad(), FeatureRecorder(network, names) as recorder:
         network.eval()
         network(example_input)
         sizes = [recorder[name].shape[2:].numel() for name in names]

@@ -18,7 +18,7 @@ from monai.networks.layers import GaussianFilter
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from monai_protoseg.attribution.base import _check_output, _checked_mask, _kept_as_is, target_region, target_score
+from .base import check_output, checked_mask, network_kept_as_is, target_region, target_score
 
 __all__ = ["prediction_preserved", "image_preserved", "masked_prediction", "deletion_insertion"]
 
@@ -52,7 +52,7 @@ def prediction_preserved(
     if prob.shape != prob_masked.shape:
         raise ValueError(f"prob {tuple(prob.shape)} and prob_masked {tuple(prob_masked.shape)} must have one shape.")
     if region is not None:
-        region = _checked_mask(region, tuple(prob.shape), "region").to(prob)
+        region = checked_mask(region, tuple(prob.shape), "region").to(prob)
         prob, prob_masked = prob * region, prob_masked * region
     total = prob.flatten(1).sum(1)
     kept = torch.minimum(prob, prob_masked).flatten(1).sum(1)
@@ -193,7 +193,7 @@ def deletion_insertion(
 @contextmanager
 def _evaluated(network: nn.Module) -> Iterator[None]:
     """Run ``network`` in eval mode without gradients, every module's mode and parameter state restored after."""
-    with _kept_as_is(network), torch.no_grad():
+    with network_kept_as_is(network), torch.no_grad():
         network.eval()
         yield
 
@@ -206,7 +206,7 @@ def _replaced(image: torch.Tensor, filler: torch.Tensor, first: torch.Tensor, ki
 
 def _class_probability(output: torch.Tensor, class_index: int, activation: str | None) -> torch.Tensor:
     """``(B, 1, *S)`` probability of the class from the ``(B, K, *S)`` output."""
-    _check_output(output, class_index, activation)
+    check_output(output, class_index, activation)
     if activation == "softmax":
         output = torch.softmax(output, dim=1)
     elif activation == "sigmoid":

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from monai_protoseg.maps import _slice_index
+from ..maps import slice_with_most_foreground
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -81,7 +81,7 @@ def plot_attribution_maps(
         index = None
         if len(spatial) == 3:
             reference = np.zeros(spatial, dtype=bool) if prediction is None else prediction > 0.5
-            index = _slice_index([torch.from_numpy(reference)], None)
+            index = slice_with_most_foreground([torch.from_numpy(reference)], None)
         title = f"case {case}" if titles is None else titles[case]
         where = "" if index is None else f", slice {index}/{spatial[-1]}"
         row[0].imshow(_sliced(image[0], index), cmap="gray")

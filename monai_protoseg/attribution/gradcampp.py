@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from monai_protoseg.attribution.base import SegmentationAttribution
+from .base import SegmentationAttribution
 
 __all__ = ["GradCAMpp"]
 

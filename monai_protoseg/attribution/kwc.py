@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_protoseg.attribution.base import SegmentationAttribution
-from monai_protoseg.recorder import resolve_layers
+from .base import SegmentationAttribution
+from ..recorder import resolve_layers
 
 __all__ = ["KernelWeightedContribution"]
 

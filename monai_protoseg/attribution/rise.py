@@ -9,7 +9,7 @@ import torch
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from monai_protoseg.attribution.base import SegmentationAttribution, resize_to
+from .base import SegmentationAttribution, resize_to
 
 __all__ = ["RISE", "rise_masks"]
 

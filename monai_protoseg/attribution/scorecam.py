@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_protoseg.attribution.base import SegmentationAttribution, normalise, resize_to
+from .base import SegmentationAttribution, normalise, resize_to
 
 __all__ = ["ScoreCAM"]
 
