@@ -18,25 +18,11 @@ from monai.bundle import ConfigParser
 
 from monai_protoseg import FeatureRecorder, QualityCalibration, QualityEstimator, candidate_layers, last_decoder_layers
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from .running import ROOT, read_rows, run_bundle
+
 BUNDLE = ROOT / "bundles" / "protoseg_demo"
 TINY = ["--epochs", "2", "--val_interval", "1", "--train_cases", "8", "--validation_cases", "12", "--test_cases", "4",
         "--image_size", "32", "--batch_size", "4", "--device", "cpu"]
-
-
-def run_bundle(configs: list[str], output_dir: pathlib.Path, *extra: str) -> str:
-    config_file = str([str(BUNDLE / "configs" / name) for name in configs]) if len(configs) > 1 else str(
-        BUNDLE / "configs" / configs[0])
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--bundle_root", str(BUNDLE),
-               "--output_dir", str(output_dir), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def read_rows(path: pathlib.Path) -> list[dict[str, str]]:
-    with open(path, newline="") as stream:
-        return list(csv.DictReader(stream))
 
 
 def score(value: str) -> float:
@@ -48,7 +34,7 @@ def score(value: str) -> float:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[pathlib.Path, str]:
     output_dir = tmp_path_factory.mktemp("demo")
-    return output_dir, run_bundle(["train.json"], output_dir, *TINY)
+    return output_dir, run_bundle(BUNDLE, ["train.json"], output_dir, *TINY)
 
 
 def assert_same_rows(expected: list[dict[str, str]], actual: list[dict[str, str]], keys: tuple[str, ...],
@@ -133,14 +119,14 @@ def test_report_has_the_table_and_figures(trained):
 def test_evaluate_reloads_the_model_and_reproduces_validation(trained, tmp_path):
     output_dir, _ = trained
     before = read_rows(output_dir / "sa_layers.csv")
-    log = run_bundle(["train.json", "evaluate.json"], output_dir, "--device", "cpu")
+    log = run_bundle(BUNDLE, ["train.json", "evaluate.json"], output_dir, "--device", "cpu")
     assert "report: " in log
     assert_same_rows(before, read_rows(output_dir / "sa_layers.csv"), ("case", "class"), abs=1e-5)
 
 
 def test_inference_on_images_only(trained):
     output_dir, _ = trained
-    run_bundle(["inference.json"], output_dir, "--device", "cpu")
+    run_bundle(BUNDLE, ["inference.json"], output_dir, "--device", "cpu")
     rows = read_rows(output_dir / "quality.csv")
     assert len(rows) == 4 and "true_dice" not in rows[0]
     assert [row["case"] for row in rows] == [f"case_{i:03d}" for i in range(4)]
@@ -154,7 +140,7 @@ def test_multi_gpu_evaluate_with_two_processes_equals_one_process(trained, tmp_p
     for copy in (single, multi):
         for folder in ("data", "models"):
             shutil.copytree(output_dir / folder, copy / folder)
-    run_bundle(["train.json", "evaluate.json"], single, "--device", "cpu")
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], single, "--device", "cpu")
     configs = str([str(BUNDLE / "configs" / name) for name in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
                "run", "--config_file", configs, "--bundle_root", str(BUNDLE), "--output_dir", str(multi)]
