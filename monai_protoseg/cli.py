@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="write report.html (self-contained), report.md and figures from a run's CSV files",
         description="Write the figures, report.md and a self-contained report.html (figures embedded) from the CSV "
-                    "files a run wrote: sa_layers.csv (required), sa_units.csv, quality_validation.csv, quality.csv.")
+                    "files a run wrote: sa_layers.csv, sa_units.csv, quality_validation.csv, quality.csv, attribution/ "
+                    "and weak/ (sa_layers.csv or weak/weak_segmentation.csv is required).")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the folder the run wrote its CSV files to")
     report.add_argument("--output-dir", metavar="D", help="where the report goes (default: RUN_DIR/report)")
     report.add_argument("--active-threshold", type=float, default=0.5, metavar="T",

@@ -383,13 +383,11 @@ def _layer_table(scores: LayerScores) -> Table:
     return Table(header, rows, right=[False, False, True, True, False, True])
 
 
-def _layer_section(run: RunFiles) -> Section:
-    """Layer-wise SA from ``sa_layers.csv`` (required): best and worst layer per class, the table, the figure."""
+def _layer_section(run: RunFiles) -> Section | None:
+    """Layer-wise SA from ``sa_layers.csv``: best and worst layer per class, the table, the figure."""
     path = run.run_dir / "sa_layers.csv"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no SA results in {run.run_dir}: {path.name} is missing (SAScoreHandler(output_dir=...) writes it)."
-        )
+        return None
     scores = read_layer_scores(path)
     return Section(
         "Layer-wise segmentation ability (validation, against the ground truth)",
@@ -576,8 +574,62 @@ def _attribution_section(run: RunFiles) -> Section | None:
     return Section("Attribution methods compared", summary=summary, blocks=blocks)
 
 
+def _weak_section(run: RunFiles) -> Section | None:
+    """Segmentation from image-level labels, from ``weak/`` (the ``coin_weak_protoseg`` bundle's evaluation writes
+    it): the table of ``weak_segmentation.csv``, the faithfulness check of ``faithfulness.csv`` and the figure
+    ``weak_masks.png``, each when present."""
+    # here, not at the top: monai_protoseg.weak writes its figures with this module (weak builds on reporting)
+    from .weak.evaluation import FAITHFULNESS_COLUMNS, METHOD_TITLES, SUMMARY_COLUMNS
+
+    folder = run.run_dir / "weak"
+    scores, faithfulness, figure = (folder / name for name in
+                                    ("weak_segmentation.csv", "faithfulness.csv", "weak_masks.png"))
+    if not scores.is_file():
+        return None
+    numbers = ["iou", "dice", "normal_false_positive", "seconds_per_case"]
+    rows = _read_rows(scores, SUMMARY_COLUMNS)
+    values = {column: _floats(rows, column, scores) for column in numbers}
+    titles = [f"{METHOD_TITLES.get(row['method'], row['method'])} ({row['threshold']})" for row in rows]
+    summary = []
+    if rows:
+        best = int(np.nanargmax(values["iou"])) if not np.isnan(values["iou"]).all() else 0
+        summary.append(f"Segmentation from image-level labels ({rows[best]['lesion_cases']} lesion and "
+                       f"{rows[best]['normal_cases']} normal held-out cases): the highest dataset IoU of "
+                       f"{len(rows)} methods is {titles[best]} ({values['iou'][best]:.3f}, mean Dice "
+                       f"{values['dice'][best]:.3f}).")
+    cells = [[title, *("-" if math.isnan(values[column][i]) else f"{values[column][i]:.3f}" for column in numbers[:3]),
+              f"{values['seconds_per_case'][i]:.3g}"] for i, title in enumerate(titles)]
+    blocks: list[Block] = [
+        Paragraph("Lesion masks from a classifier trained on image labels alone (abnormal / normal): COIN's "
+                  "counterfactual difference `|X - X_cf|` thresholded, opened, closed, largest component kept; each "
+                  "heatmap thresholded (Otsu per image, or the fixed threshold in brackets). Only images the "
+                  "classifier labels abnormal are segmented. Dataset IoU accumulates intersections and unions over "
+                  "all cases; mean Dice is over the lesion cases; normal FP is the fraction of normal cases given a "
+                  "mask."),
+        Table(["method (threshold)", "dataset IoU", "mean Dice", "normal FP", "s/case"], cells,
+              right=[False, True, True, True, True]),
+    ]
+    if faithfulness.is_file():
+        checks = _read_rows(faithfulness, FAITHFULNESS_COLUMNS)
+        accuracy = _floats(checks, "accuracy", faithfulness)
+        blocks += [Paragraph("Faithfulness (seed 003): a classifier retrained and tested on heatmap-filtered images. "
+                             "If the heatmaps hold what the classifier uses, the highlighted images keep the accuracy "
+                             "and the rest loses it."),
+                   Table(["training and test images", "accuracy"],
+                         [[row["training_images"], f"{accuracy[i]:.3f}"] for i, row in enumerate(checks)],
+                         right=[False, True])]
+        summary += [f"Faithfulness: accuracy {accuracy[0]:.3f} on the original images, "
+                    + ", ".join(f"{accuracy[i]:.3f} retrained on {row['training_images']}"
+                                for i, row in enumerate(checks) if i) + "."]
+    for name, alt in ((figure, "weak supervision masks"), (folder / "weak_maps.png", "weak supervision maps")):
+        if name.is_file():
+            blocks.append(PNGImage(name.name, alt, name.read_bytes()))
+    return Section("Segmentation from image-level labels", summary=summary, blocks=blocks)
+
+
 SECTIONS: list[Callable[[RunFiles], Section | None]] = [_layer_section, _unit_section, _prototype_map_section,
-                                                        _quality_section, _inference_section, _attribution_section]
+                                                        _quality_section, _inference_section, _attribution_section,
+                                                        _weak_section]
 """The report's section builders, in report order. Each returns its section, or ``None`` when its files are absent;
 a new section is one more builder in this list."""
 
@@ -592,11 +644,17 @@ def build_sections(run: RunFiles) -> list[Section]:
         the sections, in report order.
 
     Raises:
-        FileNotFoundError: ``run.run_dir`` or its ``sa_layers.csv`` does not exist. ValueError: a CSV file is not
+        FileNotFoundError: ``run.run_dir`` does not exist, or holds neither ``sa_layers.csv`` nor
+            ``weak/weak_segmentation.csv``. ValueError: a CSV file is not
             the expected one (the message names it).
     """
     if not run.run_dir.is_dir():
         raise FileNotFoundError(f"no run folder {run.run_dir}")
+    if not (run.run_dir / "sa_layers.csv").is_file() and not (run.run_dir / "weak" / "weak_segmentation.csv").is_file():
+        raise FileNotFoundError(
+            f"no SA results in {run.run_dir}: sa_layers.csv is missing (SAScoreHandler(output_dir=...) writes it), "
+            f"and so is weak/weak_segmentation.csv (the coin_weak_protoseg bundle's evaluation writes it)."
+        )
     sections = [section for build in SECTIONS if (section := build(run)) is not None]
     findings = [line for section in sections for line in section.summary]
     return [Section("Summary", summary=[], blocks=[BulletList(findings)]), *sections]
@@ -693,10 +751,11 @@ def write_report(
 ) -> pathlib.Path:
     """Write the figures, ``report.md`` and the self-contained ``report.html`` for the CSV files found in ``run_dir``.
 
-    Reads ``sa_layers.csv`` (required), and when present ``sa_units.csv``, the validation quality CSV (with true
-    Dice; the calibration line is refitted from its rows, which is the fit ``MeanSAQualityHandler`` made) and the
-    inference quality CSV (with true Dice too when the held-out cases had labels, to show the estimate's error).
-    The sections are those of :data:`SECTIONS`.
+    Reads ``sa_layers.csv`` (this or the weak-supervision results must exist), and when present ``sa_units.csv``, the
+    validation quality CSV (with true Dice; the calibration line is refitted from its rows, which is the fit
+    ``MeanSAQualityHandler`` made), the inference quality CSV (with true Dice too when the held-out cases had labels, to
+    show the estimate's error) and the weak-supervision results under ``weak/``. The sections are those of
+    :data:`SECTIONS`.
 
     Args:
         run_dir: the folder a run wrote its CSV files to.
@@ -709,7 +768,8 @@ def write_report(
         the path of ``report.md``; ``report.html`` is beside it.
 
     Raises:
-        FileNotFoundError: ``run_dir`` or its ``sa_layers.csv`` does not exist. ValueError: a CSV file is not the
+        FileNotFoundError: ``run_dir`` does not exist, or holds neither ``sa_layers.csv`` nor
+            ``weak/weak_segmentation.csv``. ValueError: a CSV file is not the
             expected one (the message names it).
     """
     run = RunFiles(pathlib.Path(run_dir), validation_quality, inference_quality, active_threshold)

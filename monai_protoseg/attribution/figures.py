@@ -27,6 +27,8 @@ def plot_attribution_maps(
     maps_by_method: Mapping[str, Sequence[np.ndarray | torch.Tensor]],
     predictions: Sequence[np.ndarray | torch.Tensor] | None = None,
     titles: Sequence[str] | None = None,
+    reference_title: str = "prediction",
+    map_label: str = "attribution",
 ) -> Figure:
     """One row per case: the image (first channel), the binary prediction, then each method's attribution map.
 
@@ -39,6 +41,8 @@ def plot_attribution_maps(
             works too); the methods become the columns, in order.
         predictions: per case, the binary prediction ``(1, *S)`` or ``(*S)``; it also chooses a 3D case's slice.
         titles: per case, the row's title; default ``case 0``, ``case 1``, ...
+        reference_title: the title of the second column (``predictions`` may be any reference mask, the truth).
+        map_label: the colorbar's label.
 
     Returns:
         the figure: ``cases x (2 + methods)`` panels and one colorbar.
@@ -88,18 +92,19 @@ def plot_attribution_maps(
         row[0].set_title(f"{title}{where}\nimage", fontsize=8)
         outline = None
         if prediction is None:
-            row[1].text(0.5, 0.5, "no prediction", ha="center", va="center", fontsize=8, transform=row[1].transAxes)
+            row[1].text(0.5, 0.5, f"no {reference_title}", ha="center", va="center", fontsize=8,
+                        transform=row[1].transAxes)
         else:
             outline = _sliced(prediction, index)
             row[1].imshow(outline, cmap="gray", vmin=0, vmax=1)
-        row[1].set_title("prediction", fontsize=8)
+        row[1].set_title(reference_title, fontsize=8)
         for axis, (name, maps) in zip(row[2:], maps_by_method.items()):
             values = _sliced(_full(maps[case], spatial, f"case {case}: the map of {name!r}"), index)
             mappable = axis.imshow(values, cmap="inferno", vmin=0, vmax=1)
             if outline is not None and outline.min() < 0.5 < outline.max():
                 axis.contour(outline, levels=[0.5], colors="cyan", linewidths=0.6)
             axis.set_title(name, fontsize=8)
-    figure.colorbar(mappable, ax=axes[:, 2:], shrink=0.8, label="attribution")
+    figure.colorbar(mappable, ax=axes[:, 2:], shrink=0.8, label=map_label)
     return figure
 
 
