@@ -16,9 +16,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("bundle", ["protoseg_demo", "mni152_tissue_protoseg"])
 @pytest.mark.parametrize("option, expected", [("false", False), ("False", False), ("true", True), (True, True)])
-def test_boolean_options_given_on_the_command_line_as_text(bundle, option, expected):
+def test_boolean_options_given_on_the_command_line_as_text(bundle, option, expected, tmp_path):
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
+    parser["output_dir"] = str(tmp_path)  # the handlers open a TensorBoard writer there
     parser["unit_wise"] = option
     handlers = parser.get_parsed_content("validate#handlers")
     sa_handlers = [handler for handler in handlers if isinstance(handler, SAScoreHandler)]
@@ -26,10 +27,11 @@ def test_boolean_options_given_on_the_command_line_as_text(bundle, option, expec
 
 
 @pytest.mark.parametrize("option, expected", [("false", False), ("True", True), (False, False)])
-def test_coin_bundle_flags_are_parsed(option, expected):
+def test_coin_bundle_flags_are_parsed(option, expected, tmp_path):
     parser = ConfigParser()
     configs = ROOT / "bundles" / "coin_weak_protoseg" / "configs"
     parser.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    parser["output_dir"] = str(tmp_path)
     for flag, parsed in (("resume", "resuming"), ("progress_bar", "showing_progress"),
                          ("faithfulness", "checking_faithfulness")):
         parser[flag] = option
