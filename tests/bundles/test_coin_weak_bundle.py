@@ -15,7 +15,7 @@ from .running import ROOT, read_rows, run_bundle
 BUNDLE = ROOT / "bundles" / "coin_weak_protoseg"
 TINY = ["--train_cases", "16", "--validation_cases", "8", "--test_cases", "10", "--image_size", "32",
         "--batch_size", "8", "--coin_batch_size", "8", "--classifier_epochs", "1", "--coin_epochs", "1",
-        "--rise_masks", "16", "--device", "cpu", "--progress_bar", "false"]
+        "--rise_masks", "16", "--device", "cpu"]
 METHODS = ["COIN", "Grad-CAM", "Score-CAM", "LayerCAM", "RISE"]
 
 
@@ -26,7 +26,7 @@ def run_coin(configs: list[str], output_dir: pathlib.Path, *extra: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[pathlib.Path, str]:
     output_dir = tmp_path_factory.mktemp("coin")
-    return output_dir, run_coin(["train.json"], output_dir)
+    return output_dir, run_coin(["train.json"], output_dir, "--progress_bar", "false")
 
 
 def test_train_writes_the_data_the_classifier_and_the_generator(trained):
@@ -35,6 +35,7 @@ def test_train_writes_the_data_the_classifier_and_the_generator(trained):
         dataset = json.loads((output_dir / "data" / split / "dataset.json").read_text())
         assert len(dataset["training"]) == count and {entry["label"] for entry in dataset["training"]} <= {0, 1}
     assert "best validation accuracy" in log and "Epoch[1] Metrics -- adversarial_loss" in log
+    assert "classifier_loss: " in log and "non-scalar output" not in log  # the classifier's loss is logged
     models = output_dir / "models"
     assert (models / "classifier.pt").is_file() and (models / "generator.pt").is_file()
     assert (models / "coin" / "checkpoint_epoch=1.pt").is_file()
@@ -42,20 +43,21 @@ def test_train_writes_the_data_the_classifier_and_the_generator(trained):
 
 def test_resume_continues_coin_from_its_last_checkpoint(trained, tmp_path):
     output_dir, _ = trained
-    log = run_coin(["train.json"], output_dir, "--resume", "true", "--coin_epochs", "2")
+    log = run_coin(["train.json"], output_dir, "--resume", "true", "--coin_epochs", "2")  # with the progress bar
+    assert "Epoch [2/2]: [2/2] 100%" in log and "reconstruction=" in log
     assert "resuming COIN from" in log and "checkpoint_epoch=1.pt" in log
     assert "training the classifier" not in log  # the trained classifier is loaded, not retrained
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log.split("resuming COIN from")[1]
     assert (output_dir / "models" / "coin" / "checkpoint_epoch=2.pt").is_file()
     # a fresh output folder has nothing to resume: COIN starts from scratch and says so
-    fresh = run_coin(["train.json"], tmp_path, "--resume", "true", "--classifier_file",
-                       str(output_dir / "models" / "classifier.pt"))
+    fresh = run_coin(["train.json"], tmp_path, "--resume", "true", "--progress_bar", "false", "--classifier_file",
+                     str(output_dir / "models" / "classifier.pt"))
     assert "nothing to resume in" in fresh
 
 
 def test_evaluate_prints_every_method_and_writes_consistent_results(trained):
     output_dir, _ = trained
-    log = run_coin(["train.json", "evaluate.json"], output_dir)
+    log = run_coin(["train.json", "evaluate.json"], output_dir, "--progress_bar", "false")
     table = log[log.index("method      threshold"):].splitlines()
     assert [line.split()[0] for line in table[1:11]] == [m for m in METHODS for _ in range(2)]
     assert "original" in log and "gradcam highlighted (X * H)" in log
