@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 
-
 def read_weak_dataset(root: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load every case of a :func:`~monai_protoseg.weak.write_weak_dataset` folder into memory.
 
