@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 import torch
+import torch.nn.functional as F
 from monai.networks.layers import SkipConnection
-from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, SegResNet, UNet
+from monai.networks.nets import (
+    UNETR,
+    AttentionUnet,
+    BasicUNet,
+    DiNTS,
+    DynUNet,
+    FlexibleUNet,
+    SegResNet,
+    SegResNetDS,
+    SwinUNETR,
+    UNet,
+)
 from torch import nn
 
-__all__ = ["FeatureRecorder", "resolve_layers", "candidate_layers", "last_decoder_layers"]
+__all__ = ["FeatureRecorder", "resolve_layers", "forward_hooks_suspended", "candidate_layers", "last_decoder_layers"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -156,22 +170,52 @@ class FeatureRecorder:
         return record
 
 
-def candidate_layers(network: nn.Module) -> list[str]:
-    """Sensible layers to probe, from encoder through bottleneck and decoder to the output block.
+@contextlib.contextmanager
+def forward_hooks_suspended(network: nn.Module) -> Iterator[None]:
+    """Suspend every forward hook of ``network`` for an extra pass (a flipped input, an attribution method, a
+    masked input), so that no recorder (this handler's or another's) sees it; the hooks are back afterwards."""
+    saved = {module: module._forward_hooks for module in network.modules()}
+    try:
+        for module in saved:
+            module._forward_hooks = OrderedDict()
+        yield
+    finally:
+        for module, hooks in saved.items():
+            module._forward_hooks = hooks
 
-    Knows MONAI's ``UNet``, ``BasicUNet``, ``SegResNet``, ``DynUNet`` and ``FlexibleUNet`` (also wrapped in
-    (Distributed)DataParallel or ``torch.compile``); for any other network, every leaf-most block (a module whose
-    children are all leaves), in registration order.
+
+def candidate_layers(network: nn.Module, *, example_input: torch.Tensor | None = None) -> list[str]:
+    """Sensible layers to probe, from the input side through the bottleneck to the output block (the logits).
+
+    Each layer outputs a feature map ``(B, C, *S)`` on the image grid (the input size over a power of two per axis).
+    The blocks of MONAI's ``UNet``, ``BasicUNet``, ``SegResNet``, ``SegResNetDS``, ``DynUNet``, ``FlexibleUNet``,
+    ``AttentionUnet``, ``SwinUNETR``, ``UNETR`` and ``DiNTS`` are known by name (also wrapped in
+    (Distributed)DataParallel or ``torch.compile``); transformer stages, whose outputs are tokens or channels-last,
+    are left out. For any other network, the leaf-most blocks (modules whose children are all leaves) whose output
+    is a feature map on the input's grid, in forward order: this is measured by running the network twice (see
+    ``example_input``) without gradients, in eval mode and with its forward hooks suspended; each module's training
+    flag is restored afterwards, and BatchNorm statistics are left as they were.
 
     Args:
         network: the segmentation network.
+        example_input: only for a network not known by name: a batch it accepts. The network also runs on this batch
+            doubled along every spatial axis, and a block is kept when both outputs are tensors with the input's
+            number of dimensions and batch size whose spatial sizes double too (token and channels-last outputs do
+            not). By default zeros ``(1, C, 32, ..., 32)``, ``C`` and the number of spatial dimensions taken from the
+            network's first ``nn.ConvNd``.
 
     Returns:
-        qualified names of ``network.named_modules()``.
+        qualified names of ``network.named_modules()``, in forward order.
+
+    Raises:
+        ValueError: a network not known by name that does not run on the example input or its doubled size.
 
     Example:
         >>> candidate_layers(UNet(2, 1, 1, channels=(4, 8, 16), strides=(2, 2)))
         ['model.0', 'model.1.submodule.0', 'model.1.submodule.1.submodule', 'model.1.submodule.2', 'model.2']
+        >>> tokens = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Flatten(2))  # (B, C, H * W)
+        >>> candidate_layers(nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), tokens))
+        ['0']
     """
     prefix = ""
     while isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or hasattr(network, "_orig_mod"):
@@ -184,27 +228,41 @@ def candidate_layers(network: nn.Module) -> list[str]:
     elif isinstance(network, SegResNet):
         names = [f"down_layers.{i}" for i in range(len(network.down_layers))]
         names += [f"up_layers.{i}" for i in range(len(network.up_layers))] + ["conv_final"]
+    elif isinstance(network, SegResNetDS):
+        names = _segresnet_ds_layers(network)
     elif isinstance(network, DynUNet):
         names = ["input_block"] + [f"downsamples.{i}" for i in range(len(network.downsamples))] + ["bottleneck"]
         names += [f"upsamples.{i}" for i in range(len(network.upsamples))] + ["output_block"]
     elif isinstance(network, FlexibleUNet):
         names = _flexible_unet_encoder_layers(network)
         names += [f"decoder.blocks.{i}" for i in range(len(network.decoder.blocks))] + ["segmentation_head"]
+    elif isinstance(network, AttentionUnet):
+        names = _attention_unet_layers(network)
+    elif isinstance(network, SwinUNETR):  # not swinViT: its blocks output windows of tokens or channels-last maps
+        names = ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"]
+        names += ["decoder5", "decoder4", "decoder3", "decoder2", "decoder1", "out"]
+    elif isinstance(network, UNETR):  # vit outputs tokens
+        names = ["encoder1", "encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3", "decoder2", "out"]
+    elif isinstance(network, DiNTS):
+        names = _dints_layers(network)
     else:
-        names = _leaf_most_blocks(network)
+        names = _grid_blocks(network, _leaf_most_blocks(network), example_input)
     return [prefix + name for name in names]
 
 
-def last_decoder_layers(network: nn.Module, count: int = 2) -> list[str]:
+def last_decoder_layers(
+    network: nn.Module, count: int = 2, *, example_input: torch.Tensor | None = None
+) -> list[str]:
     """The last ``count`` decoder layers before the output block: the default layers of the mean-SA quality estimate.
 
     The output block itself is left out: its features are the logits, whose SA against the network's own prediction
-    is close to 1 whatever the quality. For networks :func:`candidate_layers` does not know, the last leaf-most block
-    is taken as the output block.
+    is close to 1 whatever the quality. For networks :func:`candidate_layers` does not know by name, the last of
+    their candidate layers is taken as the output block.
 
     Args:
         network: the segmentation network.
         count: how many layers.
+        example_input: passed to :func:`candidate_layers`, for a network it does not know by name.
 
     Returns:
         qualified names, in forward order.
@@ -213,7 +271,7 @@ def last_decoder_layers(network: nn.Module, count: int = 2) -> list[str]:
         >>> last_decoder_layers(UNet(2, 1, 1, channels=(4, 8, 16, 32), strides=(2, 2, 2)))
         ['model.1.submodule.1.submodule.2', 'model.1.submodule.2']
     """
-    names = candidate_layers(network)
+    names = candidate_layers(network, example_input=example_input)
     if not 1 <= count < len(names):
         raise ValueError(f"count must be between 1 and {len(names) - 1} for this network, got {count}.")
     return names[-count - 1:-1]
@@ -228,6 +286,42 @@ def _unet_layers(network: UNet) -> list[str]:
         decoders.append(f"{name}.2")
         block, name = block[1].submodule, f"{name}.1.submodule"
     return encoders + [name] + decoders[::-1]
+
+
+def _attention_unet_layers(network: AttentionUnet) -> list[str]:
+    """``model`` is ``Sequential(head, AttentionLayer, 1x1 conv)``; an ``AttentionLayer``'s submodule is
+    ``Sequential(down ConvBlock, inner AttentionLayer)``, the bottom one's a ``ConvBlock``. Each ``AttentionLayer``
+    outputs its decoder level."""
+    encoders, decoders = ["model.0"], []
+    layer, name = network.model[1], "model.1"
+    while isinstance(layer.submodule, nn.Sequential):
+        encoders.append(f"{name}.submodule.0")
+        decoders.append(name)
+        layer, name = layer.submodule[1], f"{name}.submodule.1"
+    return encoders + [f"{name}.submodule", name] + decoders[::-1] + ["model.2"]
+
+
+def _segresnet_ds_layers(network: SegResNetDS) -> list[str]:
+    """The encoder levels' blocks, the decoder levels' blocks and the last level's head (the full-size logits); the
+    other heads are deep-supervision logits at lower resolutions."""
+    names = [f"encoder.layers.{i}.blocks" for i in range(len(network.encoder.layers))]
+    names += [f"up_layers.{i}.blocks" for i in range(len(network.up_layers))]
+    return names + [f"up_layers.{len(network.up_layers) - 1}.head"]
+
+
+def _dints_layers(network: DiNTS) -> list[str]:
+    """The stem-down blocks (the input at each resolution), the stem-up blocks that run, from the deepest to the
+    full-size one (the decoder), then ``stem_finals`` (the logits).
+
+    ``DiNTS`` calls its stems by ``.forward()``, which runs no forward hook, so the layers are the modules those call
+    (each stem's ``mod``). The searched cells are left out: each cell's output is one summand of a node, not the
+    node's features, and a searched topology has dozens of them (84 for the model zoo's multi-organ topology); name
+    ``dints_space.cell_tree.(block, path).op`` explicitly to probe one.
+    """
+    names = [f"stem_down.{depth}.mod" for depth in range(network.num_depths)]
+    # DiNTS.forward runs stem_up from the deepest node active after the last block up to the full size.
+    deepest = max(depth for depth in range(network.num_depths) if network.node_a[network.num_blocks][depth])
+    return names + [f"stem_up.{depth}.mod" for depth in range(deepest, -1, -1)] + ["stem_finals"]
 
 
 def _flexible_unet_encoder_layers(network: FlexibleUNet) -> list[str]:
@@ -247,3 +341,60 @@ def _leaf_most_blocks(network: nn.Module) -> list[str]:
         if name and any(True for _ in module.children()) and all(not any(c.children()) for c in module.children())
     ]
     return blocks or [name for name, module in named if name and not any(module.children())]
+
+
+def _grid_blocks(network: nn.Module, names: list[str], example_input: torch.Tensor | None) -> list[str]:
+    """The modules among ``names`` whose output is a feature map ``(B, C, *S)`` on the input's grid, in forward
+    order: measured on ``example_input`` (see :func:`candidate_layers`) and on it doubled along every spatial axis."""
+    if example_input is None:
+        conv = next((m for m in network.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+        if conv is None:
+            raise ValueError(f"candidate_layers does not know {type(network).__name__} and finds no nn.ConvNd to "
+                             f"size a dummy input by; pass example_input= or name the layers.")
+        spatial_dims = conv.weight.ndim - 2
+        example_input = conv.weight.new_zeros(1, conv.in_channels, *(32,) * spatial_dims)
+    small = _output_shapes(network, names, example_input)
+    large = _output_shapes(network, names, F.interpolate(example_input, scale_factor=2.0, mode="nearest"))
+    return [name for name in small if _doubles_with_input(small[name], large.get(name), example_input.shape)]
+
+
+def _output_shapes(network: nn.Module, names: list[str], inputs: torch.Tensor) -> dict[str, torch.Size | None]:
+    """Each named module's output shape (``None`` if no tensor) in one forward pass of ``inputs``, in call order; the
+    pass runs without gradients, in eval mode and with the network's forward hooks suspended."""
+    shapes: dict[str, torch.Size | None] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            shapes[name] = output.shape if isinstance(output, torch.Tensor) else None
+
+        return hook
+
+    modes = {module: module.training for module in network.modules()}
+    with forward_hooks_suspended(network):
+        probed = resolve_layers(network, names)
+        handles = [module.register_forward_hook(record(name)) for name, module in probed.items()]
+        try:
+            with torch.no_grad():
+                network.eval()
+                network(inputs)
+        except Exception as error:
+            raise ValueError(
+                f"candidate_layers does not know {type(network).__name__}, and it failed on an example input of shape "
+                f"{tuple(inputs.shape)} ({type(error).__name__}: {error}); pass example_input= (a batch it accepts; "
+                f"it must also accept the batch doubled along every spatial axis) or name the layers."
+            ) from error
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, training in modes.items():
+                module.training = training
+    return shapes
+
+
+def _doubles_with_input(small: torch.Size | None, large: torch.Size | None, inputs: torch.Size) -> bool:
+    """Whether a module's output shapes on ``inputs`` and on it doubled are feature maps ``(B, C, *S)``: as many
+    dimensions and the same batch size as ``inputs``, the same channels, and every spatial size doubled."""
+    if small is None or large is None or not len(small) == len(large) == len(inputs):
+        return False
+    spatial_doubled = all(2 * s == l for s, l in zip(small[2:], large[2:]))
+    return small[0] == large[0] == inputs[0] and small[1] == large[1] and spatial_doubled

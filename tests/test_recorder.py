@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, SegResNet, UNet
+from monai.networks.nets import FlexibleUNet, UNet
 from monai.utils import set_determinism
 from torch import nn
 
@@ -149,79 +149,6 @@ def test_unknown_layer_lists_the_closest_names():
     with pytest.raises(ValueError, match="closest names: none close"):
         resolve_layers(network, ["decoder_block_that_does_not_exist_anywhere"])
     assert hook_count(network) == 0
-
-
-def _spatial_sizes(network: nn.Module, image: torch.Tensor, layers: list[str]) -> list[int]:
-    with torch.no_grad(), FeatureRecorder(network, layers) as recorder:
-        network(image)
-    assert list(recorder.features) == [name for name in layers if name in recorder.features]
-    return [recorder[name].shape[2:].numel() for name in layers]
-
-
-def _goes_down_then_up(sizes: list[int]) -> bool:
-    bottom = sizes.index(min(sizes))
-    return sizes[:bottom + 1] == sorted(sizes[:bottom + 1], reverse=True) and sizes[bottom:] == sorted(sizes[bottom:])
-
-
-NETWORKS = {
-    "UNet": (
-        lambda: UNet(3, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2)),
-        (1, 1, 16, 16, 16),
-        ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule.0",
-         "model.1.submodule.1.submodule.1.submodule", "model.1.submodule.1.submodule.2", "model.1.submodule.2",
-         "model.2"],
-    ),
-    "BasicUNet": (
-        lambda: BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 16, 4)),
-        (1, 1, 32, 32),
-        ["conv_0", "down_1", "down_2", "down_3", "down_4", "upcat_4", "upcat_3", "upcat_2", "upcat_1", "final_conv"],
-    ),
-    "SegResNet": (
-        lambda: SegResNet(blocks_down=[1, 2, 2, 4], blocks_up=[1, 1, 1], init_filters=8, in_channels=4,
-                          out_channels=3),
-        (1, 4, 16, 16, 16),
-        ["down_layers.0", "down_layers.1", "down_layers.2", "down_layers.3", "up_layers.0", "up_layers.1",
-         "up_layers.2", "conv_final"],
-    ),
-    "DynUNet": (
-        lambda: DynUNet(2, 1, 2, [3, 3, 3, 3], [1, 2, 2, 2], [2, 2, 2], filters=[4, 8, 16, 32]).eval(),
-        (1, 1, 32, 32),
-        ["input_block", "downsamples.0", "downsamples.1", "bottleneck", "upsamples.0", "upsamples.1",
-         "upsamples.2", "output_block"],
-    ),
-    "FlexibleUNet-resnet": (
-        lambda: FlexibleUNet(1, 2, "resnet10", spatial_dims=2, decoder_channels=(16, 8, 8, 4, 4)),
-        (1, 1, 64, 64),
-        ["encoder.layer1", "encoder.layer2", "encoder.layer3", "encoder.layer4", "decoder.blocks.0",
-         "decoder.blocks.1", "decoder.blocks.2", "decoder.blocks.3", "decoder.blocks.4", "segmentation_head"],
-    ),
-    "FlexibleUNet-efficientnet": (
-        lambda: FlexibleUNet(1, 2, "efficientnet-b0", spatial_dims=2, decoder_channels=(16, 8, 8, 4, 4)),
-        (1, 1, 64, 64),
-        ["encoder._blocks.0", "encoder._blocks.1", "encoder._blocks.2", "encoder._blocks.4", "encoder._blocks.6",
-         "decoder.blocks.0", "decoder.blocks.1", "decoder.blocks.2", "decoder.blocks.3", "decoder.blocks.4",
-         "segmentation_head"],
-    ),
-}
-
-
-@pytest.mark.parametrize("name", list(NETWORKS))
-def test_candidate_layers_of_monai_networks(name):
-    build, shape, expected = NETWORKS[name]
-    network = build()
-    layers = candidate_layers(network)
-    assert layers == expected
-    sizes = _spatial_sizes(network, torch.rand(shape), layers)
-    assert _goes_down_then_up(sizes), sizes  # encoder to bottleneck to decoder
-    assert candidate_layers(nn.DataParallel(network)) == ["module." + n for n in expected]
-
-
-def test_candidate_layers_fall_back_to_leaf_most_blocks():
-    block = lambda c_in, c_out: nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU())  # noqa: E731
-    network = nn.Sequential(block(1, 4), nn.Sequential(block(4, 8), block(8, 8)), nn.Conv2d(8, 1, 1))
-    assert candidate_layers(network) == ["0", "1.0", "1.1"]
-    assert candidate_layers(nn.Conv2d(1, 1, 1)) == []
-    assert candidate_layers(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU())) == ["0", "1"]
 
 
 def test_recorded_features_give_the_naive_sa_score():
