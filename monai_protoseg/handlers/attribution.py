@@ -14,7 +14,9 @@ from monai.utils import CommonKeys
 from ..attribution.base import SegmentationAttribution
 from ..attribution.faithfulness import deletion_insertion, image_preserved, masked_prediction, prediction_preserved
 from ..io import atomic_write_csv, format_number
-from .probe import LayerProbeHandler, as_batch, forward_hooks_suspended
+from ..recorder import forward_hooks_suspended
+from .batch import as_batch
+from .probe import LayerProbeHandler
 
 __all__ = ["AttributionHandler"]
 
@@ -48,7 +50,8 @@ class AttributionHandler(LayerProbeHandler):
         output_dir: folder of the CSV; None: no file.
         name: prefix of the result keys and name of the CSV.
         image_key: the key of the input image in ``engine.state.output``; its meta data in the batch names the cases.
-        label_key: the key of the label in ``engine.state.output``, read when the method's region is ``"label"``.
+        label_key: the key of the label in the batch the network saw (``engine.state.batch``), read when the
+            method's region is ``"label"``.
         class_name: the class's name in the CSV; default ``f"class{method.class_index}"``.
         deletion_steps: chunks of pixels removed or revealed in the deletion and insertion curves.
         baseline: what replaces removed pixels: ``"zero"``, ``"blur"`` or a tensor (see ``deletion_insertion``).
@@ -89,12 +92,11 @@ class AttributionHandler(LayerProbeHandler):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         class_names = None if class_name is None else [class_name]
-        super().__init__([], method.network, method.activation, class_names, image_key=image_key)
+        super().__init__([], method.network, method.activation, class_names, image_key=image_key, label_key=label_key)
         self.method = method
         self.class_indices = [method.class_index]
         self.output_dir = None if output_dir is None else pathlib.Path(output_dir)
         self.name = name
-        self.label_key = label_key
         self.deletion_steps = deletion_steps
         self.baseline = baseline
         self.batch_size = batch_size
@@ -110,7 +112,11 @@ class AttributionHandler(LayerProbeHandler):
         """Explain the batch that just ran and score the maps."""
         inputs = self._from_output(engine, self.image_key)
         by_label = isinstance(self.method.region, str) and self.method.region == "label"
-        label = self._from_output(engine, self.label_key) if by_label else None
+        label = self.reference_label(engine) if by_label else None
+        if by_label and label is None:
+            raise ValueError(f"{type(self).__name__}: the method's region is 'label', but engine.state.batch has no "
+                             f"{self.label_key!r}.")
+        label = None if label is None else label.to(inputs.device)
         network, class_index, activation = self.method.network, self.method.class_index, self.method.activation
         with forward_hooks_suspended(network):
             result = self.method(inputs, label=label)

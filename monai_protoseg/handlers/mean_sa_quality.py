@@ -5,7 +5,6 @@ SA profile and the prediction's confidence, turned into an estimated Dice by a q
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import pathlib
@@ -15,7 +14,6 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine
-from monai.handlers import from_engine
 from monai.metrics import Cumulative, DiceMetric
 from monai.networks import eval_mode
 from monai.utils import CommonKeys
@@ -26,8 +24,9 @@ from ..inferers import ProtoSegInferer
 from ..io import atomic_write_csv, format_number
 from ..metrics import SAScoreMetric
 from ..quality import QualityCalibration
-from ..recorder import candidate_layers, last_decoder_layers
-from .probe import LayerProbeHandler, as_batch, forward_hooks_suspended
+from ..recorder import candidate_layers, forward_hooks_suspended, last_decoder_layers
+from .batch import as_batch
+from .probe import LayerProbeHandler
 
 __all__ = ["MeanSAQualityHandler"]
 
@@ -76,8 +75,11 @@ class MeanSAQualityHandler(LayerProbeHandler):
         fit_calibration: fit the calibration on this run's cases, which then need labels.
         threshold: a row is flagged for review when its estimated Dice (mean SA without an estimate) is below it.
         network: the network; by default ``engine.network`` when the engine starts.
-        label_transform: gives the labels from ``engine.state.output`` (``None`` or a missing key: no labels).
-        activation: ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
+        label_transform: ``None`` (default) reads the labels from ``engine.state.batch[label_key]``, the batch the
+            network saw (no such key: no labels). Given, it gives the labels from ``engine.state.output``, after the
+            evaluator's postprocessing: they must still be on the network's grid (a ``KeyError``: no labels).
+        activation: ``"auto"`` (from the evaluator's postprocessing, else the output's channel count; logged),
+            ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
         class_names: one name per scored class; default ``"class{index}"`` with the output channel index.
         include_background: score output channel 0 too. A single-channel output is always scored.
         image_key: the key of the input image: its meta data in the batch names the case; with ``tta_flip`` the
@@ -93,6 +95,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
         tta_flip: with an estimator, also run the network (through the engine's inferer) on the input flipped along
             its last spatial axis, one extra forward pass per batch, for the ``tta_disagreement`` feature. The pass
             runs in eval mode with the network's forward hooks suspended, so no layer recording sees it.
+        label_key: the batch key of the labels.
 
     Attributes:
         layers: every probed layer (mean-SA layers, plus the profile layers with an estimator), set when the engine
@@ -112,8 +115,8 @@ class MeanSAQualityHandler(LayerProbeHandler):
         fit_calibration: bool = False,
         threshold: float = 0.7,
         network: nn.Module | None = None,
-        label_transform: Callable = from_engine([CommonKeys.LABEL]),
-        activation: str | None = "sigmoid",
+        label_transform: Callable | None = None,
+        activation: str | None = "auto",
         class_names: Sequence[str] | None = None,
         include_background: bool = False,
         image_key: str = CommonKeys.IMAGE,
@@ -123,8 +126,10 @@ class MeanSAQualityHandler(LayerProbeHandler):
         fit_estimator: bool = False,
         profile_layers: Sequence[str] | None = None,
         tta_flip: bool = False,
+        label_key: str = CommonKeys.LABEL,
     ) -> None:
-        super().__init__(None, network, activation, class_names, include_background, image_key)
+        super().__init__(None, network, activation, class_names, include_background, image_key, label_key,
+                         label_transform)
         if fit_calibration and not isinstance(calibration, (str, os.PathLike, type(None))):
             raise ValueError("fit_calibration=True needs calibration to be the path to save it to, or None.")
         if fit_estimator and not isinstance(estimator, (str, os.PathLike, type(None))):
@@ -148,10 +153,8 @@ class MeanSAQualityHandler(LayerProbeHandler):
         self.profile_layers = (None if profile_layers is None else list(profile_layers)) if self.use_estimator else []
         self.tta_flip = tta_flip
         self.threshold = threshold
-        self.label_transform = label_transform
         self.name = name
         self.save_rank = save_rank
-        self.logger = logging.getLogger(__name__)
         self.metric: SAScoreMetric | None = None
         self.dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
         self.feature_rows = Cumulative()  # (N, K, F), with an estimator
@@ -201,26 +204,15 @@ class MeanSAQualityHandler(LayerProbeHandler):
 
     def iteration_completed(self, engine: Engine) -> None:
         """Score the batch that just ran against its own prediction (and its label, where there is one)."""
-        try:
-            labels = self.label_transform(engine.state.output)
-        except (KeyError, TypeError):  # no label key in the output
-            labels = None
-        if isinstance(labels, tuple) and len(labels) == 1:  # from_engine on a (not decollated) dict output
-            labels = labels[0]
-        if labels is None or any(item is None for item in labels):
-            if self.fit_calibration or self.fit_estimator:
-                option = "fit_calibration" if self.fit_calibration else "fit_estimator"
-                raise ValueError(
-                    f"{type(self).__name__}({option}=True) needs labels, but label_transform found none in "
-                    f"engine.state.output."
-                )
-            label = None
-        else:
-            label = as_batch(labels)
+        label = self.reference_label(engine)
+        if label is None and (self.fit_calibration or self.fit_estimator):
+            option = "fit_calibration" if self.fit_calibration else "fit_estimator"
+            source = "label_transform" if self.label_transform is not None else f"engine.state.batch[{self.label_key!r}]"
+            raise ValueError(f"{type(self).__name__}({option}=True) needs labels, but found none in {source}.")
         if self._with_labels is not None and self._with_labels != (label is not None):
             raise ValueError(f"{type(self).__name__}: some batches have labels and others do not.")
         self._with_labels = label is not None
-        prob, features = self.probed_batch(None if label is None else label.shape[2:])
+        prob, features = self.probed_batch(engine, None if label is None else label.shape[2:])
         classes = slice(self.class_indices[0], self.class_indices[-1] + 1)  # contiguous: a view, not a copy
         prediction = self.binarised(prob)[:, classes]
         scores = self.metric(prob[:, classes], prediction, features=features)
@@ -230,7 +222,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
             flipped = self._flipped_prediction(engine)[:, classes] if self.tta_flip else None
             self.feature_rows.extend(quality_features(
                 prob[:, classes], prediction, scores, self._mean_sa_index,
-                channel_prob=prob if self.activation == "softmax" else None, tta_prediction=flipped,
+                channel_prob=prob if self.output_activation == "softmax" else None, tta_prediction=flipped,
             ))
         self.record_case_names(engine, prob.shape[0])
 
@@ -368,12 +360,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
         amp = torch.autocast("cuda", **engine.amp_kwargs) if getattr(engine, "amp", False) else contextlib.nullcontext()
         with eval_mode(network), amp, forward_hooks_suspended(network):
             logits = inferer(flipped, network) if inferer is not None else network(flipped)
-        prob = torch.flip(logits.as_subclass(torch.Tensor).float(), dims=(-1,))
-        if self.activation == "sigmoid":
-            prob = torch.sigmoid(prob)
-        elif self.activation == "softmax":
-            prob = torch.softmax(prob, dim=1)
-        return self.binarised(prob)
+        return self.binarised(self.activate(torch.flip(logits.as_subclass(torch.Tensor), dims=(-1,))))
 
     def _write_csv(
         self,

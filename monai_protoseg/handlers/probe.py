@@ -3,11 +3,11 @@ sliding-window inferer, and the network's soft output as per-class foreground pr
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import pathlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -20,8 +20,16 @@ from torch import nn
 
 from ..inferers import ProtoSegInferer
 from ..recorder import FeatureRecorder, resolve_layers
+from .batch import as_batch, batch_value, check_same_grid, grid_of
+from .postprocessing import (
+    ACTIVATIONS,
+    evaluator_postprocessing,
+    postprocessing_activation,
+    resampling_transforms,
+    resolve_activation,
+)
 
-__all__ = ["LayerProbeHandler", "as_batch"]
+__all__ = ["LayerProbeHandler"]
 
 _OUTPUT = ""  # the network's own module name: recording it captures the soft (pre post-transform) output
 
@@ -33,41 +41,60 @@ class LayerProbeHandler:
     the network is untouched. When the engine's inferer is a ``SlidingWindowInferer`` it is wrapped in a
     :class:`~monai_protoseg.ProtoSegInferer` for the run instead (whole-image features, not one window's) and put back
     afterwards. Subclasses implement :meth:`epoch_started`, :meth:`iteration_completed` and :meth:`epoch_completed`,
-    and read the batch with :meth:`probed_batch`.
+    and read the batch with :meth:`reference_label` and :meth:`probed_batch`.
+
+    Everything is read on the grid the network saw: the label (and mask) from ``engine.state.batch``, never from
+    post-transformed outputs that ``Invertd`` or another resampling post-transform moved back to the original image.
+    A label on another grid (shape, or affine where meta data tells) is refused with both grids named.
 
     Args:
         layers: qualified names of the layers to probe; ``None`` lets the subclass choose them when the engine starts
             (:meth:`default_layers`).
         network: the network; by default ``engine.network`` when the engine starts.
-        activation: ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
+        activation: ``"auto"`` (the activation the evaluator's postprocessing applies to ``pred``, else
+            ``"sigmoid"`` for a one-channel output and ``"softmax"`` for more; logged once per run), ``"sigmoid"``,
+            ``"softmax"`` or ``None`` (the network outputs probabilities already). An explicit activation that
+            contradicts the postprocessing is warned about; softmax on a one-channel output is an error.
         class_names: one name per scored class; default ``"class{index}"`` with the output channel index.
         include_background: score output channel 0 too. A single-channel output is always scored.
-        image_key: the batch key whose meta data names the cases.
+        image_key: the batch key of the network's input, whose meta data names the cases and gives the network's grid.
+        label_key: the batch key of the label, read from ``engine.state.batch`` unless ``label_transform`` is given.
+        label_transform: gives the label from ``engine.state.output`` instead (after the evaluator's
+            postprocessing: it must still be on the network's grid); a ``KeyError`` or ``None`` means no label.
     """
 
     def __init__(
         self,
         layers: Sequence[str] | None,
         network: nn.Module | None = None,
-        activation: str | None = "sigmoid",
+        activation: str | None = "auto",
         class_names: Sequence[str] | None = None,
         include_background: bool = False,
         image_key: str = CommonKeys.IMAGE,
+        label_key: str = CommonKeys.LABEL,
+        label_transform: Callable | None = None,
     ) -> None:
-        if activation not in ("sigmoid", "softmax", None):
-            raise ValueError(f"activation must be 'sigmoid', 'softmax' or None, got {activation!r}.")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
         self.layers = None if layers is None else list(layers)
         self.network = network
         self.activation = activation
         self.class_names = None if class_names is None else list(class_names)
         self.include_background = include_background
-        self.image_key = image_key
+        self.image_key = str(image_key)  # MONAI's key constants are StrEnums: plain strings read better in messages
+        self.label_key = str(label_key)
+        self.label_transform = label_transform
+        self.output_activation: str | None = None
+        """The activation applied this run (``activation``, or what ``"auto"`` resolved to at the first batch)."""
         self.class_indices: list[int] = []
         self.metric_name: str | None = None
+        self.logger = logging.getLogger(type(self).__module__)
         self._cases: list[str] = []
         self._recorder: FeatureRecorder | None = None
         self._inferer: ProtoSegInferer | None = None
         self._original_inferer: Inferer | None = None
+        self._postprocessing: Callable | None = None
+        self._activation_resolved = False
 
     def attach(self, engine: Engine, name: str | None = None) -> None:
         """Register the handler's events on ``engine`` (a second call does nothing).
@@ -104,6 +131,8 @@ class LayerProbeHandler:
         self.completed(engine)
         if self.layers is None:
             self.layers = self.default_layers(network)
+        self._postprocessing = evaluator_postprocessing(engine)
+        self._activation_resolved = False
         inferer = getattr(engine, "inferer", None)
         if isinstance(inferer, ProtoSegInferer) and isinstance(inferer.inferer, SlidingWindowInferer):
             resolve_layers(network, self.layers)  # another handler wraps the sliding window: share its recording
@@ -144,16 +173,79 @@ class LayerProbeHandler:
         if len(engine._event_handlers[Events.EXCEPTION_RAISED]) == 1:
             raise error
 
-    def probed_batch(self, spatial_size: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reference_label(self, engine: Engine) -> torch.Tensor | None:
+        """The label of the batch that just ran, on the network's grid.
+
+        Read from ``engine.state.batch[label_key]`` (the batch the network saw), or from ``label_transform`` when
+        given. Its grid (shape, and affine where meta data tells) is checked against the network's input.
+
+        Returns:
+            ``(B, 1 or K, *S)``, or ``None`` when the batch has no label.
+
+        Raises:
+            ValueError: the label is on another grid; the message names both grids, the likely cause and the fix.
+        """
+        batch = engine.state.batch
+        if self.label_transform is None:
+            value = batch_value(batch, self.label_key)
+            what = f"the label (engine.state.batch[{self.label_key!r}])"
+            cause = (f"The preprocessing moved the image but not the label: apply its spatial transforms (Spacingd, "
+                     f"Orientationd, Resized, ...) to {self.label_key!r} too.")
+        else:
+            try:
+                value = self.label_transform(engine.state.output)
+            except KeyError:
+                return None
+            if isinstance(value, tuple) and len(value) == 1:  # from_engine on a (not decollated) dict output
+                value = value[0]
+            what = "the label from label_transform (engine.state.output, after the evaluator's postprocessing)"
+            resampling = resampling_transforms(self._postprocessing)
+            cause = (f"The evaluator's postprocessing has {', '.join(resampling)}, which moves the label off the "
+                     f"network's grid" if resampling else "A post-transform moved the label off the network's grid")
+            cause += (f". Leave label_transform / output_transform unset: the handler then reads {self.label_key!r} "
+                      f"from engine.state.batch, the batch the network saw.")
+        if value is None or (isinstance(value, (list, tuple)) and any(item is None for item in value)):
+            return None
+        image = batch_value(batch, self.image_key)
+        if image is not None:
+            check_same_grid(what, grid_of(value, batch, self.label_key),
+                            grid_of(image, batch, self.image_key), cause)
+        return as_batch(value)
+
+    def batch_mask(self, engine: Engine, key: str) -> torch.Tensor:
+        """The ``(B, 1, *S)`` value of ``key`` in the batch the network saw, on the network's grid.
+
+        Raises:
+            KeyError: the batch has no ``key``.
+            ValueError: it is on another grid than the network's input.
+        """
+        batch = engine.state.batch
+        value = batch_value(batch, key)
+        if value is None:
+            raise KeyError(f"{type(self).__name__}: {key!r} is not in the batch (engine.state.batch).")
+        image = batch_value(batch, self.image_key)
+        if image is not None:
+            check_same_grid(f"{key!r} (engine.state.batch)", grid_of(value, batch, key),
+                            grid_of(image, batch, self.image_key),
+                            f"Apply the preprocessing's spatial transforms to {key!r} too.")
+        return as_batch(value)
+
+    def probed_batch(
+        self, engine: Engine, spatial_size: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The soft output and the layer features of the batch that just ran.
 
         Args:
-            spatial_size: the spatial size the prediction must have (the label's, or the evaluator's ``pred``);
-                checked so that an inferer that ran the network on parts of the image is refused clearly.
+            engine: the engine.
+            spatial_size: the spatial size the prediction must have when the batch holds no image (the label's).
 
         Returns:
-            ``prob``: ``(B, K, *S)`` float foreground probability of every scored class (``self.class_indices`` are
-            their output channels); ``features``: ``{layer: (B, C, *S_f)}``.
+            ``prob``: ``(B, K, *S)`` float foreground probability of every output channel (``self.class_indices`` are
+            the scored ones); ``features``: ``{layer: (B, C, *S_f)}``.
+
+        Raises:
+            ValueError: the prediction does not cover the network's input (an inferer that runs the network on
+                parts of the image), or softmax on a one-channel output.
         """
         if self._inferer is not None:
             logits = self._inferer.prediction
@@ -164,21 +256,41 @@ class LayerProbeHandler:
         else:
             raise RuntimeError(f"{type(self).__name__}: the engine started before the handler was attached.")
         logits = logits.as_subclass(torch.Tensor)
-        if spatial_size is not None and logits.shape[2:] != tuple(spatial_size):
+        image = batch_value(engine.state.batch, self.image_key)
+        expected = grid_of(image).shape if image is not None else spatial_size
+        if expected is not None and logits.shape[2:] != tuple(expected):
             raise ValueError(
-                f"the network's last forward output has spatial size {tuple(logits.shape[2:])}, the image "
-                f"{tuple(spatial_size)}: {type(self).__name__} needs the prediction over the whole image (a "
+                f"the network's last forward output has spatial size {tuple(logits.shape[2:])}, its input "
+                f"{tuple(expected)}: {type(self).__name__} needs the prediction over the whole input (a "
                 f"SlidingWindowInferer is handled; another inferer that runs the network on parts is not)."
             )
-        logits = logits.float()
-        if self.activation == "sigmoid":
-            prob = torch.sigmoid(logits)
-        elif self.activation == "softmax":
-            prob = torch.softmax(logits, dim=1)
-        else:
-            prob = logits
+        prob = self.activate(logits)
         self.class_indices = self._classes(prob.shape[1])
         return prob, features
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """The network's output ``(B, K, *S)`` as float probabilities, with the activation of this run.
+
+        The first call of a run resolves ``activation="auto"`` (and checks an explicit one against the evaluator's
+        postprocessing) and logs the choice once.
+        """
+        if not self._activation_resolved:
+            found = postprocessing_activation(self._postprocessing)
+            self.output_activation, reason, warning = resolve_activation(
+                self.activation, logits.shape[1], found, type(self).__name__)
+            if warning is not None:
+                self.logger.warning(warning)
+            elif self.activation == "auto":
+                self.logger.info(f"{type(self).__name__}: activation {self.output_activation!r}, {reason}.")
+            self._activation_resolved = True
+        elif self.output_activation == "softmax" and logits.shape[1] == 1:
+            resolve_activation("softmax", 1, None, type(self).__name__)  # raises
+        logits = logits.float()
+        if self.output_activation == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.output_activation == "softmax":
+            return torch.softmax(logits, dim=1)
+        return logits
 
     def record_case_names(self, engine: Engine, count: int) -> None:
         """Append the names of the ``count`` cases of the batch that just ran (see :meth:`case_names`)."""
@@ -209,8 +321,9 @@ class LayerProbeHandler:
 
     def binarised(self, prob: torch.Tensor) -> torch.Tensor:
         """The network's own prediction of every channel of ``prob``: argmax for softmax, ``> 0.5`` otherwise."""
-        if self.activation == "softmax":
-            return one_hot(prob.argmax(1, keepdim=True), prob.shape[1]).bool()
+        if self.output_activation == "softmax":  # max().indices: the first maximum, as argmax, many times faster
+            index = prob.max(1, keepdim=True).indices
+            return torch.zeros(prob.shape, dtype=torch.bool, device=prob.device).scatter_(1, index, True)
         return prob > 0.5
 
     def one_hot_label(self, label: torch.Tensor, channels: int) -> torch.Tensor:
@@ -240,11 +353,13 @@ class LayerProbeHandler:
         return classes
 
 
-def as_batch(value: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """A batch-first tensor from a tensor or a list of channel-first tensors (MONAI's decollated output)."""
-    if isinstance(value, torch.Tensor):
-        return value.as_subclass(torch.Tensor)
-    return torch.stack([item.as_subclass(torch.Tensor) for item in value])
+def second_item(output_transform: Callable) -> Callable:
+    """The label part of a MONAI ``(pred, label)`` output transform: ``output -> output_transform(output)[1]``."""
+
+    def label_transform(output: Any) -> Any:
+        return output_transform(output)[1]
+
+    return label_transform
 
 
 def _case_name(filename: str | os.PathLike) -> str:
@@ -258,17 +373,3 @@ def _add_first(engine: Engine, event: Events, handler: Callable) -> None:
     engine.add_event_handler(event, handler)
     handlers = engine._event_handlers[event]
     handlers.insert(0, handlers.pop())
-
-
-@contextlib.contextmanager
-def forward_hooks_suspended(network: nn.Module) -> Iterator[None]:
-    """Suspend every forward hook of ``network`` for an extra pass (a flipped input, an attribution method, a
-    masked input), so that no recorder (this handler's or another's) sees it; the hooks are back afterwards."""
-    saved = {module: module._forward_hooks for module in network.modules()}
-    try:
-        for module in saved:
-            module._forward_hooks = OrderedDict()
-        yield
-    finally:
-        for module, hooks in saved.items():
-            module._forward_hooks = hooks

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
-from monai.handlers import from_engine
 from monai.utils import CommonKeys
 from torch import nn
 
 from ..maps import MapSnapshot, save_snapshot, take_snapshot, tile_snapshot
 from ..protoseg import prototype_map
-from .probe import LayerProbeHandler, as_batch
+from .batch import as_batch, batch_value
+from .probe import LayerProbeHandler, second_item
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -47,10 +47,12 @@ class PrototypeMapHandler(LayerProbeHandler):
     Args:
         layers: qualified names of the layers to probe (see :func:`~monai_protoseg.candidate_layers`).
         network: the network; by default ``engine.network`` when the engine starts.
-        output_transform: gives ``(pred, label)`` from ``engine.state.output`` (MONAI ``from_engine`` style); when
-            the output has no label (a ``KeyError``, or ``None``), the snapshots have no ground truth and SA is
-            scored against the network's binarised prediction (argmax for softmax, ``> 0.5`` otherwise).
-        activation: ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
+        output_transform: ``None`` (default) reads the label from ``engine.state.batch[label_key]``, the batch the
+            network saw. Given, it gives ``(pred, label)`` from ``engine.state.output`` (MONAI ``from_engine``
+            style), after the evaluator's postprocessing: the label must still be on the network's grid. Without a
+            label (a missing key, or ``None``) the snapshots have no ground truth.
+        activation: ``"auto"`` (from the evaluator's postprocessing, else the output's channel count; logged),
+            ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
         class_names: one name per scored class; default ``"class{index}"`` with the output channel index.
         include_background: show output channel 0 too. A single-channel output is always shown.
         image_key: the batch key of the image (``(B, C, *S)`` in ``engine.state.batch``), whose meta data names the
@@ -63,14 +65,15 @@ class PrototypeMapHandler(LayerProbeHandler):
             ``TensorBoardImageHandler``).
         name: the folder of the snapshots and the prefix of the TensorBoard tags.
         save_rank: the distributed rank that keeps, writes and logs the snapshots.
+        label_key: the batch key of the label.
     """
 
     def __init__(
         self,
         layers: Sequence[str],
         network: nn.Module | None = None,
-        output_transform: Callable = from_engine([CommonKeys.PRED, CommonKeys.LABEL]),
-        activation: str | None = "sigmoid",
+        output_transform: Callable | None = None,
+        activation: str | None = "auto",
         class_names: Sequence[str] | None = None,
         include_background: bool = False,
         image_key: str = CommonKeys.IMAGE,
@@ -81,11 +84,13 @@ class PrototypeMapHandler(LayerProbeHandler):
         global_iter_transform: Callable[[int], int] = lambda x: x,
         name: str = "prototype_maps",
         save_rank: int = 0,
+        label_key: str = CommonKeys.LABEL,
     ) -> None:
         if num_cases < 1:
             raise ValueError(f"num_cases must be at least 1, got {num_cases}.")
-        super().__init__(layers, network, activation, class_names, include_background, image_key)
-        self.output_transform = output_transform
+        label_transform = None if output_transform is None else second_item(output_transform)
+        super().__init__(layers, network, activation, class_names, include_background, image_key, label_key,
+                         label_transform)
         self.num_cases = num_cases
         self.slice_index = slice_index
         self.output_dir = None if output_dir is None else pathlib.Path(output_dir)
@@ -107,9 +112,9 @@ class PrototypeMapHandler(LayerProbeHandler):
         kept."""
         if self._kept_cases >= self.num_cases or idist.get_rank() != self.save_rank:
             return
-        label = self._label(engine)
-        prob, features = self.probed_batch(None if label is None else label.shape[2:])
-        image = self._image(engine, prob)
+        label = self.reference_label(engine)
+        prob, features = self.probed_batch(engine, None if label is None else label.shape[2:])
+        image = self._image(engine)
         self.record_case_names(engine, prob.shape[0])
         count = min(self.num_cases - self._kept_cases, prob.shape[0])
         cases = self._cases[-prob.shape[0]:][:count]
@@ -147,27 +152,10 @@ class PrototypeMapHandler(LayerProbeHandler):
         if self.summary_writer is not None:
             self.summary_writer.flush()
 
-    def _label(self, engine: Engine) -> torch.Tensor | None:
-        """The batch's ``(B, 1 or K, *S)`` label from ``output_transform``, or ``None`` when the output has none."""
-        try:
-            _, label = self.output_transform(engine.state.output)
-        except KeyError:
-            return None
-        if label is None or (isinstance(label, (list, tuple)) and any(item is None for item in label)):
-            return None
-        return as_batch(label)
-
-    def _image(self, engine: Engine, prob: torch.Tensor) -> torch.Tensor:
-        """The batch's ``(B, C, *S)`` image (from a dict, or the list of dicts a MONAI engine decollates it to),
-        checked against ``prob``'s shape."""
-        batch = engine.state.batch
-        items = batch if isinstance(batch, (list, tuple)) else [batch]
-        if not all(isinstance(item, dict) and self.image_key in item for item in items):
+    def _image(self, engine: Engine) -> torch.Tensor:
+        """The batch's ``(B, C, *S)`` image (the network's input, checked by :meth:`probed_batch` to lie on the
+        prediction's grid)."""
+        image = batch_value(engine.state.batch, self.image_key)
+        if image is None:
             raise KeyError(f"{type(self).__name__}: image_key {self.image_key!r} is not in the batch.")
-        image = as_batch(batch[self.image_key] if isinstance(batch, dict) else [item[self.image_key] for item in batch])
-        if image.shape[0] != prob.shape[0] or image.shape[2:] != prob.shape[2:]:
-            raise ValueError(
-                f"the image {tuple(image.shape)} and the network's output {tuple(prob.shape)} differ in batch or "
-                f"spatial size: {type(self).__name__} shows the image beside the prediction."
-            )
-        return image
+        return as_batch(image)

@@ -9,13 +9,13 @@ from collections.abc import Callable, Sequence
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
-from monai.handlers import from_engine
 from monai.utils import CommonKeys
 from torch import nn
 
 from ..io import atomic_write_csv, format_number
 from ..metrics import SAScoreMetric
-from .probe import LayerProbeHandler, as_batch
+from ..recorder import candidate_layers
+from .probe import LayerProbeHandler, second_item
 
 __all__ = ["SAScoreHandler"]
 
@@ -26,7 +26,9 @@ class SAScoreHandler(LayerProbeHandler):
     Add it to a ``SupervisedEvaluator``'s handlers and nothing else changes. Hooks are registered when the evaluator
     starts and removed when it completes or raises, so a trainer sharing the network is untouched. Prototypes are
     guided by the network's soft output, recorded from the network itself (before any post-transform discretises
-    ``pred``). Classes are scored one-vs-rest. When the evaluator's inferer is a ``SlidingWindowInferer`` it is
+    ``pred``). Classes are scored one-vs-rest. The label is read from the batch the network saw, on its grid, so an
+    evaluator whose postprocessing inverts ``pred`` and ``label`` to the original image (``Invertd``) is scored
+    right; a label on another grid is refused, naming both grids. When the evaluator's inferer is a ``SlidingWindowInferer`` it is
     wrapped in a :class:`~monai_protoseg.ProtoSegInferer` while the evaluator runs, so prototypes and maps cover the
     whole image, not one window; the original inferer is put back when the run completes or raises.
 
@@ -40,10 +42,14 @@ class SAScoreHandler(LayerProbeHandler):
     metric's own name.
 
     Args:
-        layers: qualified names of the layers to probe (see :func:`~monai_protoseg.candidate_layers`).
+        layers: qualified names of the layers to probe; ``None``: :func:`~monai_protoseg.candidate_layers` of the
+            network, chosen when the engine starts.
         network: the network; by default ``engine.network`` when the engine starts.
-        output_transform: gives ``(pred, label)`` from ``engine.state.output`` (MONAI ``from_engine`` style).
-        activation: ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
+        output_transform: ``None`` (default) reads the label from ``engine.state.batch[label_key]``, the batch the
+            network saw. Given, it gives ``(pred, label)`` from ``engine.state.output`` (MONAI ``from_engine``
+            style), after the evaluator's postprocessing: the label must still be on the network's grid.
+        activation: ``"auto"`` (from the evaluator's postprocessing, else the output's channel count; logged),
+            ``"sigmoid"``, ``"softmax"`` or ``None`` (the network outputs probabilities already).
         class_names: one name per scored class; default ``"class{index}"`` with the output channel index.
         include_background: score output channel 0 too. A single-channel output is always scored.
         unit_wise: also compute unit-wise SA.
@@ -56,16 +62,17 @@ class SAScoreHandler(LayerProbeHandler):
         output_dir: when given, each epoch also writes ``f"{name}_layers.csv"`` (a row per case and class, a column
             per layer) and, with ``unit_wise``, ``f"{name}_units.csv"`` (mean SA per layer, class and unit) there,
             atomically; the files the report (``monai_protoseg.report``) reads.
-        image_key: the batch key whose meta data names the cases in those files.
+        image_key: the batch key of the network's input, whose meta data names the cases in those files.
         save_rank: the distributed rank that writes the files.
+        label_key: the batch key of the label.
     """
 
     def __init__(
         self,
-        layers: Sequence[str],
+        layers: Sequence[str] | None = None,
         network: nn.Module | None = None,
-        output_transform: Callable = from_engine([CommonKeys.PRED, CommonKeys.LABEL]),
-        activation: str | None = "sigmoid",
+        output_transform: Callable | None = None,
+        activation: str | None = "auto",
         class_names: Sequence[str] | None = None,
         include_background: bool = False,
         unit_wise: bool = False,
@@ -77,19 +84,34 @@ class SAScoreHandler(LayerProbeHandler):
         output_dir: str | os.PathLike | None = None,
         image_key: str = CommonKeys.IMAGE,
         save_rank: int = 0,
+        label_key: str = CommonKeys.LABEL,
     ) -> None:
         if reference not in ("label", "pred"):
             raise ValueError(f"reference must be 'label' or 'pred', got {reference!r}.")
-        super().__init__(layers, network, activation, class_names, include_background, image_key)
+        label_transform = None if output_transform is None else second_item(output_transform)
+        super().__init__(layers, network, activation, class_names, include_background, image_key, label_key,
+                         label_transform)
         self.output_transform = output_transform
+        self.unit_wise = unit_wise
+        self.ignore_empty = ignore_empty
         self.mask_key = mask_key
         self.reference = reference
         self.name = name
         self.save_details = save_details
         self.output_dir = None if output_dir is None else pathlib.Path(output_dir)
         self.save_rank = save_rank
-        self.metric = SAScoreMetric(self.layers, unit_wise=unit_wise, ignore_empty=ignore_empty)
+        self.metric: SAScoreMetric | None = None
         self.unit_scores: dict[str, torch.Tensor] = {}
+
+    def default_layers(self, network: nn.Module) -> list[str]:
+        """:func:`~monai_protoseg.candidate_layers` of the network."""
+        return candidate_layers(network)
+
+    def started(self, engine: Engine) -> None:
+        """Choose the layers (when not given), register the hooks, and make the metric."""
+        super().started(engine)
+        if self.metric is None:
+            self.metric = SAScoreMetric(self.layers, unit_wise=self.unit_wise, ignore_empty=self.ignore_empty)
 
     def epoch_started(self, engine: Engine) -> None:
         """Start a new accumulation."""
@@ -98,24 +120,20 @@ class SAScoreHandler(LayerProbeHandler):
 
     def iteration_completed(self, engine: Engine) -> None:
         """Score the batch that just ran."""
-        pred, label = (as_batch(value) for value in self.output_transform(engine.state.output))
-        if pred.shape[2:] != label.shape[2:]:
+        label = self.reference_label(engine)
+        if label is None and self.reference == "label":
+            source = "output_transform" if self.output_transform is not None else f"engine.state.batch[{self.label_key!r}]"
             raise ValueError(
-                f"the prediction's spatial size {tuple(pred.shape[2:])} does not match the label's "
-                f"{tuple(label.shape[2:])}."
+                f"{type(self).__name__}(reference='label') found no label in {source}: set label_key (or "
+                f"output_transform) to where the label is, or reference='pred' to score against the prediction."
             )
-        prob, features = self.probed_batch(label.shape[2:])
+        prob, features = self.probed_batch(engine, None if label is None else label.shape[2:])
         classes = slice(self.class_indices[0], self.class_indices[-1] + 1)  # contiguous: a view, not a copy
         if self.reference == "pred":
             target = self.binarised(prob)
         else:
             target = self.one_hot_label(label.to(prob.device), prob.shape[1])
-        mask = None
-        if self.mask_key is not None:
-            batch = engine.state.batch
-            if not isinstance(batch, dict) or self.mask_key not in batch:
-                raise KeyError(f"mask_key {self.mask_key!r} is not in the batch.")
-            mask = as_batch(batch[self.mask_key]).to(prob.device)
+        mask = None if self.mask_key is None else self.batch_mask(engine, self.mask_key).to(prob.device)
         self.metric(prob[:, classes], target[:, classes], features=features, mask=mask)
         self.record_case_names(engine, prob.shape[0])
 

@@ -23,7 +23,7 @@ def test_boolean_options_given_on_the_command_line_as_text(bundle, option, expec
     parser["unit_wise"] = option
     handlers = parser.get_parsed_content("validate#handlers")
     sa_handlers = [handler for handler in handlers if isinstance(handler, SAScoreHandler)]
-    assert len(sa_handlers) == 1 and sa_handlers[0].metric.unit_wise is expected
+    assert len(sa_handlers) == 1 and sa_handlers[0].unit_wise is expected
 
 
 @pytest.mark.parametrize("option, expected", [("false", False), ("True", True), (False, False)])

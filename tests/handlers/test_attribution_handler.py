@@ -102,8 +102,8 @@ def test_label_region_and_a_missing_label_is_named():
     assert_metrics(engine.state.metrics, expected_values(method, batches, by_label=True))
     unlabelled = Engine(lambda engine, batch: {"image": batch["image"]})
     AttributionHandler(method, deletion_steps=STEPS).attach(unlabelled)
-    with pytest.raises(ValueError, match="needs 'label' in engine.state.output"):
-        unlabelled.run(batches)
+    with pytest.raises(ValueError, match="region is 'label', but engine.state.batch has no 'label'"):
+        unlabelled.run([{"image": batch["image"]} for batch in batches])
 
 
 def test_drop_in_evaluator_writes_the_csv_and_leaves_other_handlers_alone(tmp_path):

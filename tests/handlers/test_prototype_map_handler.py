@@ -131,11 +131,11 @@ def test_tensorboard_images_per_case_and_class_at_the_trainer_epoch(tmp_path):
 
 def test_inference_without_labels_softmax_classes(tmp_path):
     network = make_network(out_channels=3)
-    engine = Engine(lambda e, batch: {"pred": network(batch["image"])})  # no label in the output
+    engine = Engine(lambda e, batch: {"pred": network(batch["image"])})
     handler = PrototypeMapHandler(LAYERS, network=network, activation="softmax", class_names=["left", "right"],
                                   num_cases=2, output_dir=tmp_path, name="maps")
     handler.attach(engine)
-    batches = make_batches(count=2, classes=3)
+    batches = [{"image": batch["image"]} for batch in make_batches(count=2, classes=3)]  # inference: no label
     with torch.no_grad():
         engine.run(batches)
     assert [(s.case, s.class_name) for s in handler.snapshots] == [

@@ -161,7 +161,8 @@ def test_attach_is_idempotent_and_bad_arguments_are_named():
         ({"layers": ["model.9"]}, make_batches(1), "layer 'model.9' is not a submodule"),
         ({"class_names": ["a", "b"]}, make_batches(1), "class_names has 2 names but 1 classes"),
         ({}, [{"image": torch.rand(1, 1, 16, 16), "label": torch.zeros(1, 1, 8, 8)}],
-         r"prediction's spatial size \(16, 16\) does not match the label's \(8, 8\)"),
+         r"the label \(engine.state.batch\['label'\]\) is not on the grid the network saw: it is \(8, 8\), "
+         r"the network's input \(16, 16\)"),
     ],
 )
 def test_bad_input_is_a_clear_error(handler_kwargs, batches, message):
