@@ -5,6 +5,8 @@ Commands:
 - ``report RUN_DIR``: the figures, ``report.md`` and a self-contained ``report.html`` from the CSV files of a run.
 - ``layers BUNDLE_OR_CONFIG``: the blocks of a bundle's network with their output shapes, the layers that
   ``candidate_layers`` and ``last_decoder_layers`` choose marked.
+- ``attach BUNDLE_DIR``: an overlay config that appends the SA, prototype-map and quality handlers to a bundle's
+  evaluator (see :mod:`monai_protoseg.attach`), and the ``python -m monai.bundle run`` line that runs it.
 - ``demo [BUNDLE OPTIONS]``: the demo bundle, as ``make demo`` runs it, with bundle options passed on.
 
 An error a user can fix (a missing folder or file, a malformed CSV, a config whose network cannot be built, a bad
@@ -14,22 +16,27 @@ option) prints one line, ``monai-protoseg: error: ...``, to stderr and exits wit
 from __future__ import annotations
 
 import argparse
+import ast
 import pathlib
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 from monai.bundle import ConfigParser
 from monai.utils import safe_eval
 from torch import nn
 
+from .attach import build_network, inspect_bundle, write_overlay
 from .recorder import candidate_layers, last_decoder_layers
 from .report import write_report
 
-__all__ = ["main", "build_parser", "demo_command", "parse_shape", "output_shapes", "layer_table", "DEMO_BUNDLE"]
+__all__ = [
+    "main", "build_parser", "demo_command", "parse_overrides", "parse_shape", "output_shapes", "layer_table",
+    "DEMO_BUNDLE",
+]
 
 PROG = "monai-protoseg"
 DEMO_BUNDLE = pathlib.Path(__file__).resolve().parents[1] / "bundles" / "protoseg_demo"
@@ -81,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list every module, single layers and the parts of the candidate layers too")
     layers.set_defaults(handler=_layers)
 
+    attach = commands.add_parser(
+        "attach", help="write an overlay config that adds the SA, prototype-map and quality handlers to a bundle",
+        usage=f"{PROG} attach [-h] [--config FILE] [--output FILE] [--network-id ID] [--force] BUNDLE_DIR "
+              f"[-- --ID VALUE ...]",
+        description="Read a MONAI bundle (JSON or YAML configs), build its network, detect its evaluator, activation, "
+                    "class names (metadata.json), layers and whether its postprocessing inverts the labels, write an "
+                    "overlay config that appends the SA, prototype-map and quality handlers to the evaluator's own "
+                    "handlers, and print the python -m monai.bundle run line that runs the bundle with it. Config "
+                    "values after -- (--ID VALUE, as python -m monai.bundle run takes them) are set before the "
+                    "network is built and passed on to the run line.")
+    attach.add_argument("bundle", metavar="BUNDLE_DIR", help="the bundle folder")
+    attach.add_argument("--config", action="append", metavar="FILE",
+                        help="a config of the bundle, relative to BUNDLE_DIR or absolute; repeat to merge several in "
+                             "order (default: configs/train + configs/evaluate, else configs/inference)")
+    attach.add_argument("--output", metavar="FILE",
+                        help="the overlay to write (default: BUNDLE_DIR/configs/protoseg_evaluate.json, or "
+                             "protoseg_inference.json for an inference config)")
+    attach.add_argument("--network-id", metavar="ID",
+                        help="id of the network in the config (default: network_def, else the evaluator's network)")
+    attach.add_argument("--force", action="store_true", help="replace an overlay file that was changed by hand")
+    attach.set_defaults(handler=_attach)
+
     demo = commands.add_parser(
         "demo", allow_abbrev=False, help="run the demo bundle (as make demo); other options go to the bundle",
         usage=f"{PROG} demo [-h] [--bundle-root DIR] [BUNDLE OPTIONS ...]",
@@ -105,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "demo":
+        if extra and args.command not in ("demo", "attach"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as stop:  # --help, or a usage error already printed
         return int(stop.code or 0)
@@ -133,7 +162,22 @@ def _layers(args: argparse.Namespace) -> int:
     input_shape, shapes, output = _first_run(network, candidates, f"{args.network_id} of {config}")
     result = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
     print(f"{config}: {args.network_id} = {type(network).__name__}, input {input_shape} -> output {result}")
-    print(layer_table(network, shapes, show_all=args.all))
+    print(layer_table(network, shapes, show_all=args.all, example_input=torch.zeros(input_shape)))
+    return 0
+
+
+def _attach(args: argparse.Namespace) -> int:
+    attachment = inspect_bundle(args.bundle, args.config, args.network_id,
+                                overrides=parse_overrides(args.bundle_args))
+    name = "protoseg_evaluate.json" if attachment.with_labels else "protoseg_inference.json"
+    output = pathlib.Path(args.output) if args.output else attachment.bundle_root / "configs" / name
+    try:
+        write_overlay(attachment, output, force=args.force)
+    except FileExistsError as error:
+        raise CLIError(str(error)) from error
+    print(attachment.summary())
+    print(f"wrote {output}; run the bundle with it:")
+    print(attachment.command(output))
     return 0
 
 
@@ -179,6 +223,24 @@ def demo_command(bundle_root: str | pathlib.Path, bundle_args: Sequence[str] = (
             "--bundle_root", str(bundle_root), *bundle_args]
 
 
+def parse_overrides(words: Sequence[str]) -> dict[str, Any]:
+    """``["--id", "value", ...]`` as ``{id: value}``, values read as Python literals where they are (``2``,
+    ``[1, 2]``, ``True``), else kept as text (``$expressions``, ``@references``), as ``monai.bundle run`` reads them.
+
+    Raises:
+        CLIError: a word is not ``--id`` followed by a value.
+    """
+    if len(words) % 2 or any(not key.startswith("--") or len(key) < 3 for key in words[::2]):
+        raise CLIError(f"config values go in pairs --ID VALUE after --, got {' '.join(words)}")
+    overrides = {}
+    for key, value in zip(words[::2], words[1::2]):
+        try:
+            overrides[key[2:]] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key[2:]] = value
+    return overrides
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,64,64"`` as ``(1, 64, 64)``: channels, then 1 to 3 spatial sizes, all positive.
 
@@ -219,17 +281,8 @@ def _build_network(config: pathlib.Path, bundle_root: pathlib.Path, network_id: 
     except Exception as error:  # JSON/YAML syntax, unknown file type, no YAML package; the first line says which
         first_line = str(error).partition("\n")[0] or type(error).__name__
         raise CLIError(f"cannot read {config}: {first_line}") from error
-    if network_id not in parser:
-        raise CLIError(f"{config} has no {network_id!r} (the network's id; choose another with --network-id)")
     parser["bundle_root"] = str(bundle_root)
-    try:
-        network = parser.get_parsed_content(network_id)
-    except Exception as error:  # whatever the network's constructor or a referenced expression raises
-        cause = error.__cause__ or error  # MONAI wraps a failed instantiation in a RuntimeError "from" the cause
-        raise CLIError(f"cannot build {network_id} of {config}: {type(cause).__name__}: {cause}") from error
-    if not isinstance(network, nn.Module):
-        raise CLIError(f"{network_id} of {config} is a {type(network).__name__}, not a torch.nn.Module")
-    return network.eval()
+    return build_network(parser, network_id, str(config))
 
 
 def _metadata_shapes(metadata: pathlib.Path | None, config: pathlib.Path) -> list[tuple[int, ...]]:
@@ -287,7 +340,13 @@ def output_shapes(network: nn.Module, sample: torch.Tensor) -> tuple[dict[str, t
     return shapes, output
 
 
-def layer_table(network: nn.Module, shapes: dict[str, tuple[int, ...]], *, show_all: bool = False) -> str:
+def layer_table(
+    network: nn.Module,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    show_all: bool = False,
+    example_input: torch.Tensor | None = None,
+) -> str:
     """A text table of the network's modules: qualified name (indented under its listed parent), type, output
     shape, and ``SA`` / ``quality`` for the layers :func:`candidate_layers` / :func:`last_decoder_layers` choose.
 
@@ -300,13 +359,15 @@ def layer_table(network: nn.Module, shapes: dict[str, tuple[int, ...]], *, show_
         network: the network.
         shapes: output shapes by qualified name (see :func:`output_shapes`); modules without one are left out.
         show_all: list every module with an output shape.
+        example_input: an input the network runs on, for networks :func:`candidate_layers` knows only by running
+            them.
 
     Returns:
         the table, then a legend.
     """
-    candidates = candidate_layers(network)
+    candidates = candidate_layers(network, example_input=example_input)
     try:
-        quality = last_decoder_layers(network)
+        quality = last_decoder_layers(network, example_input=example_input)
     except ValueError:  # fewer than three candidate layers: no quality default
         quality = []
     modules = dict(network.named_modules())

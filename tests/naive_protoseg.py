@@ -34,10 +34,10 @@ def naive_prototypes(
     return result[0], result[1]
 
 
-def naive_prototype_map(
+def naive_distances(
     features: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor | None = None, unit_wise: bool = False
-) -> torch.Tensor:
-    """Softmax over the negative squared distances to the two prototypes, foreground component."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances of every resized feature vector (or unit) to the two prototypes: ``(d_fg, d_bg)``."""
     fg, bg = naive_prototypes(features, prob, mask)
     features = naive_upsampled(features, tuple(prob.shape[2:]))
     spatial = (1,) * (features.ndim - 2)
@@ -45,6 +45,14 @@ def naive_prototype_map(
     dist_bg = (features - bg.view(*bg.shape, *spatial)) ** 2
     if not unit_wise:
         dist_fg, dist_bg = dist_fg.sum(1, keepdim=True), dist_bg.sum(1, keepdim=True)
+    return dist_fg, dist_bg
+
+
+def naive_prototype_map(
+    features: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor | None = None, unit_wise: bool = False
+) -> torch.Tensor:
+    """Softmax over the negative squared distances to the two prototypes, foreground component."""
+    dist_fg, dist_bg = naive_distances(features, prob, mask, unit_wise)
     return torch.softmax(torch.stack([-dist_fg, -dist_bg]), dim=0)[0]
 
 
@@ -63,8 +71,13 @@ def naive_sa_score(
     unit_wise: bool = False,
     ignore_empty: bool = True,
 ) -> torch.Tensor:
-    """Dice of ``p > 0.5`` against ``target``, image by image and unit by unit: ``(B,)`` or ``(B, C)``."""
-    binary = naive_prototype_map(features, prob, mask, unit_wise) > 0.5
+    """Dice of ``p > 0.5`` against ``target``, image by image and unit by unit: ``(B,)`` or ``(B, C)``.
+
+    ``p > 0.5`` is read as ``d_fg < d_bg``, which it means: the softmax of two distances that differ by less than
+    their rounding (features of magnitude 1e-5, a random EfficientNet's) would be 0.5 give or take an ulp.
+    """
+    dist_fg, dist_bg = naive_distances(features, prob, mask, unit_wise)
+    binary = dist_fg < dist_bg
     fg, bg = naive_prototypes(features, prob, mask)
     scores = torch.empty(binary.shape[:2], dtype=torch.float64)
     for b in range(binary.shape[0]):

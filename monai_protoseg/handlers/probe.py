@@ -84,6 +84,7 @@ class LayerProbeHandler:
         self.image_key = str(image_key)  # MONAI's key constants are StrEnums: plain strings read better in messages
         self.label_key = str(label_key)
         self.label_transform = label_transform
+        self.label_option = "label_transform"  # the option's name in messages (output_transform where it gives both)
         self.output_activation: str | None = None
         """The activation applied this run (``activation``, or what ``"auto"`` resolved to at the first batch)."""
         self.class_indices: list[int] = []
@@ -198,12 +199,12 @@ class LayerProbeHandler:
                 return None
             if isinstance(value, tuple) and len(value) == 1:  # from_engine on a (not decollated) dict output
                 value = value[0]
-            what = "the label from label_transform (engine.state.output, after the evaluator's postprocessing)"
+            what = f"the label from {self.label_option} (engine.state.output, after the evaluator's postprocessing)"
             resampling = resampling_transforms(self._postprocessing)
             cause = (f"The evaluator's postprocessing has {', '.join(resampling)}, which moves the label off the "
                      f"network's grid" if resampling else "A post-transform moved the label off the network's grid")
-            cause += (f". Leave label_transform / output_transform unset: the handler then reads {self.label_key!r} "
-                      f"from engine.state.batch, the batch the network saw.")
+            cause += (f". Leave {self.label_option} unset: the handler then reads {self.label_key!r} from "
+                      f"engine.state.batch, the batch the network saw.")
         if value is None or (isinstance(value, (list, tuple)) and any(item is None for item in value)):
             return None
         image = batch_value(batch, self.image_key)

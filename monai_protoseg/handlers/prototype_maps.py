@@ -91,6 +91,7 @@ class PrototypeMapHandler(LayerProbeHandler):
         label_transform = None if output_transform is None else second_item(output_transform)
         super().__init__(layers, network, activation, class_names, include_background, image_key, label_key,
                          label_transform)
+        self.label_option = "output_transform"
         self.num_cases = num_cases
         self.slice_index = slice_index
         self.output_dir = None if output_dir is None else pathlib.Path(output_dir)

@@ -91,6 +91,7 @@ class SAScoreHandler(LayerProbeHandler):
         label_transform = None if output_transform is None else second_item(output_transform)
         super().__init__(layers, network, activation, class_names, include_background, image_key, label_key,
                          label_transform)
+        self.label_option = "output_transform"
         self.output_transform = output_transform
         self.unit_wise = unit_wise
         self.ignore_empty = ignore_empty

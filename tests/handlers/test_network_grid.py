@@ -123,9 +123,9 @@ def test_a_label_read_after_invertd_is_refused_with_both_grids(grid, tmp_path):
     with pytest.raises(ValueError) as error:
         zoo_evaluator(make_network(), cases, [handler]).run()
     message = str(error.value)
-    assert "the label from label_transform" in message and "is not on the grid the network saw" in message
+    assert "the label from output_transform" in message and "is not on the grid the network saw" in message
     assert "in LPS" in message and "in RAS" in message  # both grids, with their orientation
-    assert "Invertd(keys=('pred', 'label'))" in message and "Leave label_transform / output_transform unset" in message
+    assert "Invertd(keys=('pred', 'label'))" in message and "Leave output_transform unset" in message
 
 
 def test_quality_and_map_handlers_read_the_network_grid_and_a_mask_in_a_decollated_batch(tmp_path):
