@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import LoadImage, ResampleToMatch
 
-from tests.naive_protoseg import naive_dice, naive_sa_score, naive_upsampled
+from tests.naive_protoseg import naive_dice, naive_prototypes, naive_sa_score, naive_upsampled
 
 from .zoo_bundles import PreparedBundle, seeded_network
 
@@ -33,12 +33,24 @@ _EXTENSIONS = re.compile(r"(\.nii\.gz|\.nii|\.jpe?g|\.png|\.nrrd|\.mha|\.npy)$",
 
 class Reference(NamedTuple):
     """``sa[(case, k)][layer]``; ``dice[(case, k)]`` of the binarised prediction; ``grid[case]``, the network grid
-    (preprocessed spatial shape); ``inferer_diff[case]``, max |plain forward - bundle inferer| of the logits."""
+    (preprocessed spatial shape); ``inferer_diff[case]``, max |plain forward - bundle inferer| of the logits;
+    ``separation[(case, k)][layer]``, how far apart the two prototypes are, relative to the features' spread
+    (:func:`prototype_separation`)."""
 
     sa: dict[tuple[str, int], dict[str, float]]
     dice: dict[tuple[str, int], float]
     grid: dict[str, tuple[int, ...]]
     inferer_diff: dict[str, float]
+    separation: dict[tuple[str, int], dict[str, float]]
+
+
+def prototype_separation(features: torch.Tensor, prob: torch.Tensor) -> float:
+    """``||c_fg - c_bg|| / (sqrt(C) max |f - mean f|)`` of resized float64 ``(1, C, *S)`` features: below ~1e-5 the
+    two prototypes are the same to float32 precision, and which side of the map a pixel falls on is rounding (a
+    network whose prediction hardly varies: random weights)."""
+    fg, bg = naive_prototypes(features, prob)
+    spread = (features - features.mean(tuple(range(2, features.ndim)), keepdim=True)).abs().amax()
+    return float((fg - bg).norm() / (spread * features.shape[1] ** 0.5))
 
 
 def case_name(filename: Any) -> str:
@@ -108,7 +120,7 @@ def reference_sa(prepared: PreparedBundle, layers: Sequence[str] | None = None) 
     items = parser.get_parsed_content(f"{entry.dataset_id}#data")
     inferer = parser.get_parsed_content(entry.inferer_id)
     network = seeded_network(prepared)
-    result = Reference({}, {}, {}, {})
+    result = Reference({}, {}, {}, {}, {})
     for item in items:
         data = preprocessing(copy.deepcopy(item))
         image = data["image"]
@@ -147,5 +159,6 @@ def reference_sa(prepared: PreparedBundle, layers: Sequence[str] | None = None) 
         for k in entry.foreground:
             result.sa[case, k] = {name: layer_sa(resized[name], prob[:, k:k + 1], targets[k]) for name in layers}
             result.dice[case, k] = class_dice(predicted[k], targets[k])
+            result.separation[case, k] = {name: prototype_separation(resized[name], prob[:, k:k + 1]) for name in layers}
         result.grid[case], result.inferer_diff[case] = grid, diff
     return result
