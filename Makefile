@@ -27,7 +27,7 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
-# Every benchmark in one run (about 7 minutes on 2 CPU cores); writes and prints benchmarks/RESULTS.md.
+# Every benchmark in one run (about 10 minutes on 2 CPU cores); writes and prints benchmarks/RESULTS.md.
 # Options: make bench BENCH_ARGS="--only core,scaling"; a smoke run: BENCH_ARGS="--quick --output /tmp/bench.md"
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/run_all.py --output benchmarks/RESULTS.md $(BENCH_ARGS)

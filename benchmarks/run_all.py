@@ -8,7 +8,8 @@ and one section per benchmark: the command that reproduces that benchmark alone,
 and its figures. Benchmarks: core (``bench_core.py``, SA against the naive formulation), validation
 (``bench_validation.py``, an evaluator with and without ``SAScoreHandler``), quality (``bench_quality.py``, mean SA
 as a quality estimate), scaling (``bench_scaling.py``, SA as the volume and the number of layers grow) and attribution
-(``bench_attribution.py``, every attribution method and ProtoSeg's maps on a 2D and a 3D task), with their own
+(``bench_attribution.py``, every attribution method and ProtoSeg's maps on a 2D and a 3D task) and zoo
+(``bench_zoo.py``, the handlers ``monai-protoseg attach`` adds, on the model zoo's spleen evaluation), with their own
 default settings. ``--quick`` runs each on tiny sizes with one repeat: a smoke run whose numbers mean nothing.
 """
 
@@ -24,7 +25,14 @@ from types import ModuleType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_attribution, bench_core, bench_quality, bench_scaling, bench_validation  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_attribution,
+    bench_core,
+    bench_quality,
+    bench_scaling,
+    bench_validation,
+    bench_zoo,
+)
 from benchmarks.results import BenchmarkResult, Table, command, machine_details  # noqa: E402
 from monai_protoseg.io import atomic_write_text  # noqa: E402
 
@@ -36,6 +44,7 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
     "scaling": (bench_scaling, [], ["--sizes", "32,48,64", "--layers-size", "32", "--layer-counts", "1,2,all",
                                     "--repeats", "1"]),
     "attribution": (bench_attribution, [], ["--quick"]),
+    "zoo": (bench_zoo, [], ["--shape", "96,96,96", "--cases", "1", "--repeats", "1"]),
 }
 """Each benchmark by name: its module, its arguments in a full run and in a ``--quick`` run."""
 

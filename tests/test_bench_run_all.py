@@ -24,6 +24,7 @@ TITLES = {
     "quality": "Quality estimate without ground truth (issues 3 and 6)",
     "scaling": "Scaling with volume size and probed layers",
     "attribution": "Attribution methods and ProtoSeg maps compared",
+    "zoo": "The drop-in handlers on the model zoo's spleen evaluation (issue 15)",
 }
 CHECK_COLUMNS = ["figure", "value", "target", "result"]
 
@@ -122,6 +123,8 @@ def test_each_section_names_its_command_and_has_its_tables(quick_run):
                      "unit-wise (s)", "unit-wise (ms/unit)", "unit-wise peak (MiB)"]],
         "attribution": [["method", "Prediction Preserved", "Image Preserved", "deletion AUC", "insertion AUC",
                          "time (s/case)"]] * 2,
+        "zoo": [["run", "wall (s)", "CPU (s)", "peak allocated (MiB)"], ["layer", "stitched shape", "MiB"],
+                ["bundle and case", "candidate layers", "stitched features (GiB)"]],
     }
     for name, title in TITLES.items():
         module, _, quick = run_all.BENCHMARKS[name]
