@@ -21,7 +21,7 @@ from monai.bundle import ConfigParser
 from monai.utils import CommonKeys
 from torch import nn
 
-from .handlers.postprocessing import postprocessing_activation, resampling_transforms
+from .handlers.postprocessing import flat_transforms, postprocessing_activation, resampling_transforms
 from .io import atomic_write_text
 from .recorder import candidate_layers, last_decoder_layers
 
@@ -234,7 +234,7 @@ def inspect_bundle(
         first = 0 if include_background or len(channel_def) == 1 else 1
         class_names = [channel_def[index] for index in range(first, len(channel_def))]
     preprocessing = _parsed(parser, _follow(parser, evaluator_id, "val_data_loader", "dataset", "transform"))
-    with_labels = any(label_key in getattr(transform, "keys", ()) for transform in _flat(preprocessing))
+    with_labels = any(label_key in getattr(transform, "keys", ()) for transform in flat_transforms(preprocessing))
     label_resampling = [name for name in resampling_transforms(postprocessing) if f"'{label_key}'" in name]
     output_dir = "$@output_dir + '/protoseg'" if "output_dir" in parser else "$@bundle_root + '/protoseg'"
     return Attachment(
@@ -289,11 +289,6 @@ def _follow(parser: ConfigParser, config_id: str, *keys: str) -> str:
 def _parsed(parser: ConfigParser, config_id: str) -> Any:
     """The parsed content of ``config_id``, or ``None`` when it is missing."""
     return parser.get_parsed_content(config_id) if config_id in parser else None
-
-
-def _flat(transform: Any) -> list[Any]:
-    """The transforms of a (nested) ``Compose``."""
-    return list(transform.flatten().transforms) if hasattr(transform, "flatten") else []
 
 
 def _channel_def(bundle_root: pathlib.Path) -> list[str] | None:

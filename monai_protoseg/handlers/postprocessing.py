@@ -14,7 +14,8 @@ from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import CommonKeys
 
 __all__ = [
-    "ACTIVATIONS", "evaluator_postprocessing", "postprocessing_activation", "resampling_transforms", "resolve_activation"
+    "ACTIVATIONS", "evaluator_postprocessing", "flat_transforms", "postprocessing_activation", "resampling_transforms",
+    "resolve_activation",
 ]
 
 RESAMPLING = ("Invertd", "Spacingd", "Orientationd", "Resized", "Zoomd", "SpatialResampled", "ResampleToMatchd",
@@ -66,7 +67,7 @@ def postprocessing_activation(postprocessing: Any, pred_key: str = CommonKeys.PR
         ('softmax', "Activationsd(keys='pred', softmax=True) in the evaluator's postprocessing")
     """
     pred_key = str(pred_key)
-    for transform in _flattened(postprocessing):
+    for transform in flat_transforms(postprocessing):
         if not isinstance(transform, (Activationsd, AsDiscreted)) or pred_key not in transform.keys:
             continue
         index = list(transform.keys).index(pred_key)
@@ -143,17 +144,18 @@ def resampling_transforms(postprocessing: Any) -> list[str]:
         >>> resampling_transforms(Compose([Activationsd("pred", softmax=True), Compose([Flipd(["pred", "label"])])]))
         ["Flipd(keys=('pred', 'label'))"]
     """
-    return [f"{type(transform).__name__}(keys={tuple(transform.keys)!r})" for transform in _flattened(postprocessing)
+    return [f"{type(transform).__name__}(keys={tuple(transform.keys)!r})" for transform in flat_transforms(postprocessing)
             if type(transform).__name__ in RESAMPLING and hasattr(transform, "keys")]
 
 
-def _flattened(transform: Any) -> Iterator[Any]:
-    """The transforms of ``transform`` in the order they run, nested ``Compose``s and lists opened."""
+def flat_transforms(transform: Any) -> Iterator[Any]:
+    """The transforms of ``transform`` (a transform, a ``Compose`` or a list; ``None``: none) in the order they run,
+    nested ``Compose``s and lists opened."""
     if isinstance(transform, Compose):
         for item in transform.transforms:
-            yield from _flattened(item)
+            yield from flat_transforms(item)
     elif isinstance(transform, (list, tuple)):
         for item in transform:
-            yield from _flattened(item)
+            yield from flat_transforms(item)
     elif transform is not None:
         yield transform
