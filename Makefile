@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,9 @@ $(INSTALLED): pyproject.toml constraints.txt
 
 # The main job: the self-contained demo bundle (synthetic data, training, SA, quality estimate, report).
 # Extra bundle options: make demo DEMO_ARGS="--epochs 10 --output_dir /tmp/demo"
-# `monai-protoseg demo` runs: python -m monai.bundle run --config_file bundles/protoseg_demo/configs/train.json
-#     --bundle_root bundles/protoseg_demo $(DEMO_ARGS)
+# `monai-protoseg demo` runs: python -m monai_protoseg run --config_file bundles/protoseg_demo/configs/train.json
+#     --bundle_root bundles/protoseg_demo $(DEMO_ARGS), which is python -m monai.bundle run with the cause of a
+#     failure printed last and alone.
 demo: $(INSTALLED)
 	$(BIN)/monai-protoseg demo $(DEMO_ARGS)
 
@@ -31,6 +32,11 @@ test: $(INSTALLED)
 # Options: make bench BENCH_ARGS="--only core,scaling"; a smoke run: BENCH_ARGS="--quick --output /tmp/bench.md"
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/run_all.py --output benchmarks/RESULTS.md $(BENCH_ARGS)
+
+# On a machine with a GPU: the CUDA tests and the core, validation (float32, autocast float16/bfloat16) and streaming
+# benchmarks on the GPU, in one table. GPU_CHECK_ARGS="--device cpu --size 48" runs the same steps on the CPU.
+gpu-check: $(INSTALLED)
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -7,10 +7,12 @@ the command line, the date, the machine, a summary of every figure derived from 
 and one section per benchmark: the command that reproduces that benchmark alone, its settings, its measurement tables
 and its figures. Benchmarks: core (``bench_core.py``, SA against the naive formulation), validation
 (``bench_validation.py``, an evaluator with and without ``SAScoreHandler``), quality (``bench_quality.py``, mean SA
-as a quality estimate), scaling (``bench_scaling.py``, SA as the volume and the number of layers grow) and attribution
+as a quality estimate), scaling (``bench_scaling.py``, SA as the volume and the number of layers grow), attribution
 (``bench_attribution.py``, every attribution method and ProtoSeg's maps on a 2D and a 3D task) and zoo
 (``bench_zoo.py``, the handlers ``monai-protoseg attach`` adds, on the model zoo's spleen evaluation), with their own
-default settings. ``--quick`` runs each on tiny sizes with one repeat: a smoke run whose numbers mean nothing.
+default settings; and streaming (``bench_streaming.py``, streamed against stitched SA on a pancreas-like case) on a
+64x64x48 volume with a 32^3 window (its default, a 256x256x128 CT with the bundle's 96^3 window, takes hours on CPU).
+``--quick`` runs each on tiny sizes with one repeat: a smoke run whose numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from benchmarks import (  # noqa: E402
     bench_core,
     bench_quality,
     bench_scaling,
+    bench_streaming,
     bench_validation,
     bench_zoo,
 )
@@ -37,7 +40,7 @@ from benchmarks.results import BenchmarkResult, Table, command, machine_details 
 from monai_protoseg.io import atomic_write_text  # noqa: E402
 
 BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
-    "core": (bench_core, [], ["--size", "32", "--repeats", "1"]),
+    "core": (bench_core, [], ["--size", "32", "--repeats", "1", "--exact-size", "32"]),
     "validation": (bench_validation, [], ["--size", "64", "--cases", "1", "--repeats", "1"]),
     "quality": (bench_quality, [], ["--quick", "--size", "32", "--train-steps", "10", "--sources", "4", "--levels",
                                     "3", "--tta", "2"]),
@@ -45,6 +48,8 @@ BENCHMARKS: dict[str, tuple[ModuleType, list[str], list[str]]] = {
                                     "--repeats", "1"]),
     "attribution": (bench_attribution, [], ["--quick"]),
     "zoo": (bench_zoo, [], ["--shape", "96,96,96", "--cases", "1", "--repeats", "1"]),
+    "streaming": (bench_streaming, ["--shape", "64,64,48", "--roi", "32", "--layer-counts", "1,10"],
+                  ["--shape", "48,32,32", "--roi", "32", "--layer-counts", "1,10"]),
 }
 """Each benchmark by name: its module, its arguments in a full run and in a ``--quick`` run."""
 

@@ -6,7 +6,8 @@ from .handlers import AttributionHandler, MeanSAQualityHandler, PrototypeMapHand
 from .inferers import ProtoSegInferer
 from .maps import MapSnapshot, plot_prototype_maps, read_snapshot, save_snapshot, take_snapshot, tile_snapshot
 from .metrics import SAScoreMetric
-from .protoseg import prototype_map, prototypes, sa_score
+from .module import ProtoSeg
+from .protoseg import prototype_map, prototypes, sa_score, sa_scores
 from .quality import QualityCalibration
 from .recorder import FeatureRecorder, candidate_layers, last_decoder_layers, resolve_layers
 from .transforms import ForegroundProbability, ForegroundProbabilityd, ProtoSegd
@@ -17,6 +18,8 @@ __all__ = [
     "prototypes",
     "prototype_map",
     "sa_score",
+    "sa_scores",
+    "ProtoSeg",
     "FeatureRecorder",
     "candidate_layers",
     "resolve_layers",

@@ -7,10 +7,13 @@ Commands:
   ``candidate_layers`` and ``last_decoder_layers`` choose marked.
 - ``attach BUNDLE_DIR``: an overlay config that appends the SA, prototype-map and quality handlers to a bundle's
   evaluator (see :mod:`monai_protoseg.attach`), and the ``python -m monai.bundle run`` line that runs it.
-- ``demo [BUNDLE OPTIONS]``: the demo bundle, as ``make demo`` runs it, with bundle options passed on.
+- ``run --config_file FILE [BUNDLE OPTIONS]``: a bundle workflow, as ``python -m monai.bundle run`` runs it; if it
+  fails, its traceback and then the cause alone on the last line.
+- ``demo [BUNDLE OPTIONS]``: the demo bundle, as ``make demo`` runs it (with ``run``), with bundle options passed on.
 
 An error a user can fix (a missing folder or file, a malformed CSV, a config whose network cannot be built, a bad
-option) prints one line, ``monai-protoseg: error: ...``, to stderr and exits with status 1 (2 for a usage error).
+option) prints one line, ``monai-protoseg: error: ...``, to stderr and exits with status 1 (2 for a usage error);
+``run`` and ``demo`` print the traceback of a failed bundle run above that line.
 """
 
 from __future__ import annotations
@@ -18,14 +21,18 @@ from __future__ import annotations
 import argparse
 import ast
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import fire
 import torch
 from monai.bundle import ConfigParser
+from monai.bundle import run as bundle_run
 from monai.utils import safe_eval
 from torch import nn
 
@@ -34,13 +41,15 @@ from .recorder import candidate_layers, last_decoder_layers
 from .report import write_report
 
 __all__ = [
-    "main", "build_parser", "demo_command", "parse_overrides", "parse_shape", "output_shapes", "layer_table",
-    "DEMO_BUNDLE",
+    "main", "build_parser", "demo_command", "error_summary", "parse_overrides", "parse_shape", "output_shapes",
+    "layer_table", "DEMO_BUNDLE",
 ]
 
 PROG = "monai-protoseg"
 DEMO_BUNDLE = pathlib.Path(__file__).resolve().parents[1] / "bundles" / "protoseg_demo"
 """The demo bundle of the repository checkout (the package is installed editable)."""
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+"""Errors raised in this folder name the option or file at fault: :func:`error_summary` prefers them."""
 MAX_SIZE_FACTOR = 3
 """``layers`` tries ``n = 1, 2, ...`` up to this in metadata spatial shapes such as ``"16*n"``."""
 
@@ -110,12 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--force", action="store_true", help="replace an overlay file that was changed by hand")
     attach.set_defaults(handler=_attach)
 
+    run = commands.add_parser(
+        "run", allow_abbrev=False, help="run a bundle as python -m monai.bundle run does; a failure's cause last",
+        usage=f"{PROG} run [-h] --config_file FILE [--bundle_root DIR] [BUNDLE OPTIONS ...]",
+        description="Run a bundle workflow as python -m monai.bundle run does, with its options (--config_file, "
+                    "--bundle_root, --meta_file, --logging_file, --ID VALUE config values). If the run fails, its "
+                    "traceback is printed, then the cause alone on the last line (monai-protoseg: error: ...), and "
+                    "the exit status is 1.")
+    run.set_defaults(handler=_run)
+
     demo = commands.add_parser(
         "demo", allow_abbrev=False, help="run the demo bundle (as make demo); other options go to the bundle",
         usage=f"{PROG} demo [-h] [--bundle-root DIR] [BUNDLE OPTIONS ...]",
-        description="Run the demo bundle with python -m monai.bundle run, as make demo does. Every other option "
-                    "goes to the bundle, such as --epochs 10 --output_dir /tmp/demo --device cpu (put -- before "
-                    "bundle options that clash with these).")
+        description="Run the demo bundle with monai-protoseg run (python -m monai.bundle run, a failure's cause on "
+                    "the last line), as make demo does. Every other option goes to the bundle, such as --epochs 10 "
+                    "--output_dir /tmp/demo --device cpu (put -- before bundle options that clash with these).")
     demo.add_argument("--bundle-root", default=str(DEMO_BUNDLE), metavar="DIR",
                       help=f"the demo bundle folder (default: {DEMO_BUNDLE})")
     demo.set_defaults(handler=_demo)
@@ -134,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command not in ("demo", "attach"):
+        if extra and args.command not in ("demo", "run", "attach"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as stop:  # --help, or a usage error already printed
         return int(stop.code or 0)
@@ -196,6 +214,75 @@ def _first_run(
                    f"shape with --shape C,H,W[,D]")
 
 
+def _run(args: argparse.Namespace) -> int:
+    try:
+        fire.Fire(bundle_run, command=list(args.bundle_args), name=f"{PROG} run")
+    except SystemExit as stop:  # fire's usage errors and --help, already printed
+        return stop.code if isinstance(stop.code, int) else 1
+    except Exception as error:  # the run failed: its traceback, then the cause on the last line
+        traceback.print_exc()
+        sys.stdout.flush()
+        print(f"{PROG}: error: {error_summary(error)}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def error_summary(error: BaseException) -> str:
+    """The one line that says why a bundle run failed: ``Type: message`` of one exception of ``error``'s chain.
+
+    A bundle error comes wrapped: MONAI's ``Failed to evaluate ConfigExpression`` or ``applying transform``
+    around the error itself, an error of a ``DataLoader`` worker re-raised with the worker's traceback as text. The
+    line is that of the first exception of the chain, outermost first, raised in this package (its checks name the
+    option or the file at fault), else that of the innermost one (the original error); an exception re-raised from a
+    worker is replaced by the exceptions of the traceback it carries.
+
+    Args:
+        error: the exception that ended the run.
+
+    Returns:
+        ``"Type: message"``, the message on one line.
+    """
+    chain: list[tuple[bool, str]] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "\nOriginal Traceback (most recent call last):" in text:
+            chain += _printed_chain(text.partition("\nOriginal ")[2])
+        else:
+            chain.append((_raised_in_package(current), f"{type(current).__name__}: {' '.join(text.split())}"))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return next((line for own, line in chain if own), chain[-1][1]).removesuffix(": ")
+
+
+_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line \d+')
+
+
+def _printed_chain(text: str) -> list[tuple[bool, str]]:
+    """``(raised in this package, "Type: message")`` of each exception of a printed traceback, outermost first."""
+    chain = []
+    for block in text.split("Traceback (most recent call last):\n")[1:]:
+        lines = block.splitlines()
+        frames = [match["file"] for match in map(_FRAME.match, lines) if match]
+        message = next((line for line in lines if line.strip() and not line.startswith(" ")), "")
+        chain.append((bool(frames) and _in_package(frames[-1]), message))
+    return chain[::-1]
+
+
+def _raised_in_package(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is code of this package."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and _in_package(frame.tb_frame.f_code.co_filename)
+
+
+def _in_package(filename: str) -> bool:
+    """Whether the source file ``filename`` is in this package."""
+    return pathlib.Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
 def _demo(args: argparse.Namespace) -> int:
     bundle_root = pathlib.Path(args.bundle_root)
     if not (bundle_root / "configs" / "train.json").is_file():
@@ -209,7 +296,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def demo_command(bundle_root: str | pathlib.Path, bundle_args: Sequence[str] = ()) -> list[str]:
-    """The command ``make demo`` runs: ``python -m monai.bundle run`` on the bundle's ``configs/train.json``.
+    """The command ``make demo`` runs: ``monai-protoseg run`` (``python -m monai.bundle run``, a failure's cause on
+    the last line) on the bundle's ``configs/train.json``.
 
     Args:
         bundle_root: the demo bundle folder.
@@ -219,7 +307,7 @@ def demo_command(bundle_root: str | pathlib.Path, bundle_args: Sequence[str] = (
         the command line, starting with this Python interpreter.
     """
     bundle_root = pathlib.Path(bundle_root)
-    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle_root / "configs" / "train.json"),
+    return [sys.executable, "-m", "monai_protoseg", "run", "--config_file", str(bundle_root / "configs" / "train.json"),
             "--bundle_root", str(bundle_root), *bundle_args]
 
 

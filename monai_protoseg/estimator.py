@@ -29,7 +29,6 @@ Pure numpy/torch and the standard library: no ignite, no MONAI, no scikit-learn.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -39,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fingerprint import NetworkFingerprint
 from .io import read_json, write_json
-from .quality import _is_int
+from .quality import _fingerprint, _is_int, _number
 
 __all__ = [
     "QualityEstimator",
@@ -275,6 +275,8 @@ class QualityEstimator:
         n_excluded: rows left out because a feature or the true Dice was NaN.
         n_folds: the number of cross-validation folds.
         versions: the monai_protoseg, torch and numpy versions it was fitted with.
+        fingerprint: the network (and probed layers) it was fitted for, when ``MeanSAQualityHandler`` fitted it;
+            ``None`` otherwise (``fit`` knows no network).
     """
 
     feature_names: tuple[str, ...]
@@ -293,6 +295,7 @@ class QualityEstimator:
     n_excluded: int
     n_folds: int
     versions: dict[str, str]
+    fingerprint: NetworkFingerprint | None = None
 
     @classmethod
     def fit(
@@ -431,8 +434,9 @@ class QualityEstimator:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-ready dict, with ``format`` and ``version``; NaN becomes ``None``."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        """All fields as a JSON-ready dict, with ``format`` and ``version``; NaN becomes ``None``; the ``fingerprint``
+        only when there is one."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fingerprint"}
         values["feature_sets"] = {
             name: {"features": list(score.features), "alpha": score.alpha, "cv_r": _nan_to_none(score.cv_r),
                    "cv_mae": _nan_to_none(score.cv_mae)}
@@ -440,15 +444,23 @@ class QualityEstimator:
         }
         for name in ("feature_names", "layers", "mean_sa_layers", "features", "mean", "scale", "coef"):
             values[name] = list(values[name])
+        if self.fingerprint is not None:
+            values["fingerprint"] = self.fingerprint.to_dict()
         return {"format": ESTIMATOR_FORMAT, "version": ESTIMATOR_VERSION, **values}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QualityEstimator:
         """The estimator described by ``data``, as written by ``to_dict``; extra keys are ignored.
 
+        Every value that ``predict`` uses is checked, so that a hand-edited file cannot give silently wrong estimates:
+        distinct ``feature_names``, the chosen ``features`` distinct and among them, finite ``mean`` and ``coef``,
+        each ``scale`` finite and > 0, ``intercept`` (the mean true Dice of the fitted rows) in [0, 1]; and the
+        cross-validation record: penalties > 0, ``cv_mae`` in [0, 1], ``cv_r`` in [-1, 1] or ``None``; the optional
+        ``fingerprint`` two sha256 digests.
+
         Raises:
             ValueError: ``data`` is not a mapping, has another ``format`` or a newer ``version``, misses fields, or
-                a field has the wrong type or value.
+                a field has the wrong type or value; the message names the field (``scale[2]``).
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"a QualityEstimator must be a JSON object / mapping, got {type(data).__name__}.")
@@ -460,16 +472,21 @@ class QualityEstimator:
                 f"version {version!r} is not supported: this monai_protoseg reads versions 1 to {ESTIMATOR_VERSION} "
                 f"(a newer monai_protoseg may have written it)."
             )
-        missing = [f.name for f in fields(cls) if f.name not in data]
+        missing = [f.name for f in fields(cls) if f.name != "fingerprint" and f.name not in data]
         if missing:
             raise ValueError(f"missing field(s): {', '.join(missing)}.")
         values: dict[str, Any] = {}
         for name in ("feature_names", "layers", "mean_sa_layers", "features"):
             values[name] = _strings(data[name], name)
+        for name in ("feature_names", "features"):
+            twice = sorted({item for item in values[name] if values[name].count(item) > 1})
+            if twice:
+                raise ValueError(f"{name} must be distinct, but {twice} appear more than once.")
         for name in ("mean", "scale", "coef"):
-            values[name] = tuple(_number(value, name) for value in _list(data[name], name))
-        for name in ("alpha", "intercept"):
-            values[name] = _number(data[name], name)
+            values[name] = tuple(_number(value, f"{name}[{i}]", positive=name == "scale")
+                                 for i, value in enumerate(_list(data[name], name)))
+        values["alpha"] = _number(data["alpha"], "alpha", positive=True)
+        values["intercept"] = _number(data["intercept"], "intercept", low=0, high=1)
         for name in ("n_rows", "n_groups", "n_excluded", "n_folds"):
             if not _is_int(data[name]) or data[name] < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {data[name]!r}.")
@@ -489,7 +506,7 @@ class QualityEstimator:
             )
         if values["features"] != values["feature_sets"][values["chosen"]].features:
             raise ValueError(f"features must be those of the chosen feature set {values['chosen']!r}.")
-        return cls(**values)
+        return cls(**values, fingerprint=_fingerprint(data))
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
         """Write the estimator to ``path`` as JSON, atomically (see ``monai_protoseg.io.write_json``).
@@ -596,20 +613,12 @@ def _strings(value: Any, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _number(value: Any, name: str, nullable: bool = False) -> float:
-    if value is None and nullable:
-        return math.nan
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    raise ValueError(f"{name} must be a finite number, got {value!r}.")
-
-
 def _feature_set_score(name: str, value: Any) -> FeatureSetScore:
     if not isinstance(value, Mapping) or not {"features", "alpha", "cv_r", "cv_mae"} <= set(value):
         raise ValueError(f"feature_sets[{name!r}] must have features, alpha, cv_r and cv_mae, got {value!r}.")
     return FeatureSetScore(
         features=_strings(value["features"], f"feature_sets[{name!r}].features"),
-        alpha=_number(value["alpha"], f"feature_sets[{name!r}].alpha"),
-        cv_r=_number(value["cv_r"], f"feature_sets[{name!r}].cv_r", nullable=True),
-        cv_mae=_number(value["cv_mae"], f"feature_sets[{name!r}].cv_mae"),
+        alpha=_number(value["alpha"], f"feature_sets[{name!r}].alpha", positive=True),
+        cv_r=_number(value["cv_r"], f"feature_sets[{name!r}].cv_r", nullable=True, low=-1, high=1),
+        cv_mae=_number(value["cv_mae"], f"feature_sets[{name!r}].cv_mae", low=0, high=1),
     )

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-from .protoseg import _check_inputs, _Guide, _prepare_features, _prepare_guide, _sa_scores
+from .protoseg import GUIDES, sa_scores
 
 __all__ = ["SAScoreMetric"]
 
@@ -24,6 +24,7 @@ class SAScoreMetric(CumulativeIterationMetric):
         layers: the layer names, in the order of the buffered layer axis.
         unit_wise: also buffer unit-wise scores, one buffer per layer (see :meth:`unit_scores`).
         ignore_empty: empty-target rule of :func:`~monai_protoseg.sa_score`.
+        guide: ``"soft"`` (prototypes weighted by ``y_pred``) or ``"binary"`` (by ``y_pred > 0.5``).
 
     Example:
         >>> metric = SAScoreMetric(["layer"])
@@ -42,8 +43,12 @@ class SAScoreMetric(CumulativeIterationMetric):
         *,
         unit_wise: bool = False,
         ignore_empty: bool = True,
+        guide: str = "soft",
     ) -> None:
         super().__init__()
+        if guide not in GUIDES:
+            raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}.")
+        self.guide = guide
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("SAScoreMetric needs at least one layer.")
@@ -78,24 +83,13 @@ class SAScoreMetric(CumulativeIterationMetric):
         missing = [layer for layer in self.layers if layer not in features]
         if missing:
             raise ValueError(f"no features for layers {missing}; got features for {list(features)}.")
-        guides: dict[torch.dtype, _Guide] = {}  # prob, target and mask are checked and weighted once per dtype
-        per_layer, per_unit = [], []
-        with torch.no_grad():
-            for layer in self.layers:
-                try:
-                    _check_inputs(features[layer], y_pred[:, :1], mask, y[:, :1])  # the shapes of one class
-                    layer_features, _ = _prepare_features(features[layer])  # translated to their mean
-                    dtype = layer_features.dtype
-                    if dtype not in guides:
-                        guides[dtype] = _Guide(*_prepare_guide(y_pred, mask, y, dtype))
-                except ValueError as error:
-                    raise ValueError(f"layer {layer!r}: {error}") from error
-                guide = guides[dtype]
-                per_layer.append(_sa_scores(layer_features, guide, unit_wise=False, ignore_empty=self.ignore_empty))
-                if self.unit_wise:
-                    per_unit.append(_sa_scores(layer_features, guide, unit_wise=True, ignore_empty=self.ignore_empty))
-        scores = torch.stack(per_layer, dim=1)  # (B, L, K)
-        return (scores, *per_unit) if self.unit_wise else scores
+        probed = {layer: features[layer] for layer in self.layers}
+        options = {"ignore_empty": self.ignore_empty, "guide": self.guide}
+        scores = torch.stack(list(sa_scores(probed, y_pred, y, mask, **options).values()), 1)
+        if not self.unit_wise:
+            return scores  # (B, L, K)
+        units = sa_scores(probed, y_pred, y, mask, unit_wise=True, **options)
+        return (scores, *units.values())
 
     def layer_scores(self) -> torch.Tensor:
         """All buffered layer-wise scores, gathered across ranks: ``(N, L, K)``, NaN where undefined."""

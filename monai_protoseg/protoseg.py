@@ -13,12 +13,13 @@ the weights moved there by the transpose of the interpolation), and only the one
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["prototypes", "prototype_map", "sa_score", "UNIT_CHUNK_ELEMENTS"]
+__all__ = ["prototypes", "prototype_map", "sa_score", "sa_scores", "GUIDES", "UNIT_CHUNK_ELEMENTS"]
 
 UNIT_CHUNK_ELEMENTS = 2**24
 """SA scores resize prototype maps (units, or the classes of :class:`~monai_protoseg.SAScoreMetric`) to full
@@ -26,8 +27,16 @@ resolution in chunks of at most this many elements (64 MiB of float32), so their
 the number of maps."""
 
 
+GUIDES = ("soft", "binary")
+"""What weights the features into prototypes: the soft probability (the authors' code) or the binarised prediction
+(the paper's text)."""
+
+SUM_BLOCK = 2**15
+"""Voxels per block of the prototypes' weighted sums (see :func:`_weighted_sums`)."""
+
+
 def prototypes(
-    features: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor | None = None
+    features: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor | None = None, *, guide: str = "soft"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground and background prototypes: the ``prob``-weighted and ``(1 - prob)``-weighted mean features.
 
@@ -35,6 +44,8 @@ def prototypes(
         features: ``(B, C, *S_f)`` features of one layer (or the input image).
         prob: ``(B, 1, *S)`` foreground probability in [0, 1], from the network's own output.
         mask: optional binary ``(B, 1, *S)`` tissue mask; only pixels where it is 1 feed the prototypes.
+        guide: ``"soft"`` weights the features by ``prob`` (the authors' code), ``"binary"`` by the binarised
+            prediction ``prob > 0.5`` (the paper's text).
 
     Returns:
         ``(fg, bg)``, each ``(B, C)``. A row is NaN where its prototype does not exist (zero total weight).
@@ -44,36 +55,48 @@ def prototypes(
         >>> fg.shape
         torch.Size([2, 8])
     """
-    features, origin, prob, mask, _ = _prepare(features, prob, mask)
+    features, origin, scale, prob, mask, _ = _prepare(features, prob, mask, guide=guide)
     fg, bg = _prototypes(features, _Guide(prob, mask))
-    return fg[:, 0] + origin, bg[:, 0] + origin
+    return fg[:, 0] * scale[:, None] + origin, bg[:, 0] * scale[:, None] + origin
 
 
 def prototype_map(
-    features: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor | None = None, *, unit_wise: bool = False
+    features: torch.Tensor,
+    prob: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    unit_wise: bool = False,
+    binary: bool = False,
+    guide: str = "soft",
 ) -> torch.Tensor:
-    """Foreground probability of the prototype segmentation at every pixel of ``prob``'s grid.
+    """Foreground probability of the prototype segmentation at every pixel of ``prob``'s grid, or its binary map.
 
     ``p = exp(-||f - c_fg||^2) / (exp(-||f - c_fg||^2) + exp(-||f - c_bg||^2))``, with all channels of ``f``
-    (layer-wise) or each channel alone (unit-wise). The binary ProtoSeg map is ``p > 0.5``.
+    (layer-wise) or each channel alone (unit-wise). The binary ProtoSeg map, the one :func:`sa_score` scores, is
+    ``binary=True``: the sign of the logit ``||f - c_bg||^2 - ||f - c_fg||^2``. Thresholding ``p > 0.5`` gives the
+    same map except where the logit is so small (below ~1e-8 in float32) that ``p`` rounds to exactly 0.5.
 
     Args:
         features: ``(B, C, *S_f)`` features.
         prob: ``(B, 1, *S)`` foreground probability in [0, 1] that guides the prototypes.
         mask: optional binary ``(B, 1, *S)`` mask restricting the pixels that feed the prototypes.
         unit_wise: one map per channel instead of one for the whole layer.
+        binary: return the binary map (bool) instead of ``p``.
+        guide: ``"soft"`` (prototypes weighted by ``prob``) or ``"binary"`` (by ``prob > 0.5``); see
+            :func:`prototypes`.
 
     Returns:
-        ``(B, 1, *S)`` layer-wise or ``(B, C, *S)`` unit-wise, float32 (float64 for float64 features);
-        NaN for an image whose prototypes do not exist.
+        ``(B, 1, *S)`` layer-wise or ``(B, C, *S)`` unit-wise, float32 (float64 for float64 features), NaN for an
+        image whose prototypes do not exist; with ``binary``, bool, all False for such an image.
 
     Example:
         >>> prototype_map(torch.rand(2, 8, 16, 16), torch.rand(2, 1, 64, 64)).shape
         torch.Size([2, 1, 64, 64])
     """
-    features, _, prob, mask, _ = _prepare(features, prob, mask)
+    features, _, scale, prob, mask, _ = _prepare(features, prob, mask, guide=guide)
     fg, bg = _prototypes(features, _Guide(prob, mask))
-    return torch.sigmoid(_resize(_prototype_logits(features, fg, bg, unit_wise=unit_wise), prob.shape[2:]))
+    logits = _resize(_prototype_logits(features, fg, bg, unit_wise=unit_wise), prob.shape[2:])
+    return logits > 0 if binary else _rescaled_sigmoid(logits, scale)
 
 
 def sa_score(
@@ -84,6 +107,7 @@ def sa_score(
     *,
     unit_wise: bool = False,
     ignore_empty: bool = True,
+    guide: str = "soft",
 ) -> torch.Tensor:
     """Segmentation-ability score: Dice of the binary prototype map ``p > 0.5`` against ``target``.
 
@@ -95,6 +119,7 @@ def sa_score(
         unit_wise: score each channel alone (``C`` scores per image) instead of the whole layer.
         ignore_empty: as MONAI's ``DiceMetric``: an empty target gives NaN; with ``False`` it gives 1 if the map
             is empty too, else 0.
+        guide: ``"soft"`` (prototypes weighted by ``prob``) or ``"binary"`` (by ``prob > 0.5``).
 
     Returns:
         ``(B,)`` layer-wise or ``(B, C)`` unit-wise. NaN where a prototype does not exist.
@@ -104,25 +129,96 @@ def sa_score(
         >>> sa_score(torch.cat([prob, 1 - prob], 1), prob, prob > 0.5)
         tensor([1.])
     """
-    features, _, prob, mask, target = _prepare(features, prob, mask, target)
+    features, _, _, prob, mask, target = _prepare(features, prob, mask, target, guide=guide)
     with torch.no_grad():
-        return _sa_scores(features, _Guide(prob, mask, target), unit_wise=unit_wise, ignore_empty=ignore_empty)[:, 0]
+        return _sa_scores(features, _Guide(prob, mask, [target]), unit_wise=unit_wise, ignore_empty=ignore_empty)[0][:, 0]
+
+
+def sa_scores(
+    features: Mapping[str, torch.Tensor],
+    prob: torch.Tensor,
+    target: torch.Tensor | Sequence[torch.Tensor],
+    mask: torch.Tensor | None = None,
+    *,
+    unit_wise: bool = False,
+    ignore_empty: bool = True,
+    guide: str = "soft",
+) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    """SA scores of many layers against one guide, as :func:`sa_score` layer by layer but sharing the work.
+
+    ``prob``, ``target`` and ``mask`` are checked once, and the prototype weights and the target's pixel counts are
+    built once for all layers (and moved once to each feature grid). ``K`` classes are scored at once, one-vs-rest.
+    With several targets (e.g. the ground truth and the network's own prediction), each layer's binary map is built
+    once and counted against each of them.
+
+    Args:
+        features: ``{layer: (B, C, *S_f)}``; the layers may have different channels and resolutions.
+        prob: ``(B, K, *S)`` foreground probability of each of ``K`` classes, in [0, 1].
+        target: binary ``(B, K, *S)`` reference of each class, or a sequence of such references.
+        mask: optional binary ``(B, 1, *S)`` mask restricting the pixels that feed the prototypes.
+        unit_wise: score each channel alone instead of the whole layer.
+        ignore_empty: empty-target rule of :func:`sa_score`.
+        guide: ``"soft"`` or ``"binary"`` prototype weights (see :func:`prototypes`).
+
+    Returns:
+        ``{layer: (B, K)} (unit-wise ``(B, K, C)``) for one target; for a sequence of targets, one such dict per
+        target. NaN where a prototype does not exist.
+
+    Raises:
+        ValueError: a shape, batch size, device or value is wrong; the message names the layer and the argument.
+
+    Example:
+        >>> prob = torch.zeros(1, 1, 32, 32); prob[..., 8:24, 8:24] = 1
+        >>> scores = sa_scores({"a": torch.cat([prob, 1 - prob], 1), "b": prob[..., ::2, ::2]}, prob, prob > 0.5)
+        >>> {layer: value.tolist() for layer, value in scores.items()}
+        {'a': [[1.0]], 'b': [[1.0]]}
+    """
+    several = not isinstance(target, torch.Tensor)
+    targets = list(target) if several else [target]
+    if not features:
+        raise ValueError("features is empty: give {layer: (B, C, *S_f)} for at least one layer.")
+    if not targets:
+        raise ValueError("target is an empty sequence: give at least one (B, K, *S) reference.")
+    per_target: list[dict[str, torch.Tensor]] = [{} for _ in targets]
+    guides: dict[torch.dtype, _Guide] = {}  # prob, targets and mask are checked and weighted once per dtype
+    with torch.no_grad():
+        for layer, layer_features in features.items():
+            try:
+                if not isinstance(prob, torch.Tensor) or any(not isinstance(t, torch.Tensor) for t in targets):
+                    raise TypeError("prob and target must be torch.Tensors.")
+                for index, value in enumerate(targets):
+                    name = f"target[{index}]" if several else "target"
+                    if value.shape != prob.shape:
+                        raise ValueError(f"{name} must have the shape of prob {tuple(prob.shape)} (one channel per "
+                                         f"class), got {tuple(value.shape)}.")
+                _check_inputs(layer_features, prob[:, :1], mask, targets[0][:, :1])  # the shapes of one class
+                layer_features, _, _ = _prepare_features(layer_features)  # scaled, translated to their mean
+                dtype = layer_features.dtype
+                if dtype not in guides:
+                    prepared = [_prepare_guide(prob, mask, value, dtype, guide) for value in targets]
+                    guides[dtype] = _Guide(prepared[0][0], prepared[0][1], [item[2] for item in prepared])
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"layer {layer!r}: {error}") from error
+            scores = _sa_scores(layer_features, guides[dtype], unit_wise=unit_wise, ignore_empty=ignore_empty)
+            for result, value in zip(per_target, scores):
+                result[layer] = value
+    return per_target if several else per_target[0]
 
 
 class _Guide:
-    """What every layer scored against one batch shares: the prototype weights and the target's pixel counts.
+    """What every layer scored against one batch shares: the prototype weights and the targets' pixel counts.
 
     ``K`` classes are guided at once, one-vs-rest; the weights moved to a feature grid are kept per grid size, so
-    layers at the same scale move them once.
+    layers at the same scale move them once. Each map is counted against every target.
 
     Args:
         prob: validated ``(B, K, *S)`` foreground probability of each class (see :func:`_prepare_guide`).
         mask: validated ``(B, 1, *S)`` mask in the dtype of ``prob``, or None.
-        target: validated bool ``(B, K, *S)`` reference of each class, or None (no scores).
+        targets: validated bool ``(B, K, *S)`` references of each class (none: no scores).
     """
 
     def __init__(
-        self, prob: torch.Tensor, mask: torch.Tensor | None = None, target: torch.Tensor | None = None
+        self, prob: torch.Tensor, mask: torch.Tensor | None = None, targets: Sequence[torch.Tensor] = ()
     ) -> None:
         weights = torch.cat([prob, prob], dim=1)  # (B, 2K, *S): the foreground weights, then the background ones
         weights[:, prob.shape[1]:].neg_().add_(1)  # 1 - prob in place: full-size temporaries cost page faults
@@ -131,8 +227,8 @@ class _Guide:
         self.size = prob.shape[2:]
         self.weights = weights
         self.totals = weights.flatten(2).sum(-1, keepdim=True)  # (B, 2K, 1)
-        self.target = None if target is None else target.flatten(2)  # (B, K, |S|)
-        self.truth = None if target is None else _count(self.target)  # (B, K)
+        self.targets = [target.flatten(2) for target in targets]  # (B, K, |S|) each
+        self.truths = [_count(target) for target in self.targets]  # (B, K) each
         self._moved: dict[tuple[int, ...], torch.Tensor] = {}
 
     def weights_at(self, size: Sequence[int]) -> torch.Tensor:
@@ -143,49 +239,63 @@ class _Guide:
         return self._moved[size]
 
 
-def _sa_scores(features: torch.Tensor, guide: _Guide, *, unit_wise: bool, ignore_empty: bool) -> torch.Tensor:
+def _sa_scores(
+    features: torch.Tensor, guide: _Guide, *, unit_wise: bool, ignore_empty: bool
+) -> list[torch.Tensor]:
     """SA scores of prepared ``features`` (:func:`_prepare_features`) for every class of ``guide``.
 
     Returns:
-        ``(B, K)``, or ``(B, K, C)`` unit-wise.
+        one tensor per target of ``guide``: ``(B, K)``, or ``(B, K, C)`` unit-wise.
     """
     fg, bg = _prototypes(features, guide)
     if unit_wise:
-        scores = torch.stack([
+        per_class = [
             _map_scores(_prototype_logits(features, fg[:, k:k + 1], bg[:, k:k + 1], unit_wise=True),
-                        guide.target[:, k:k + 1], guide.truth[:, k:k + 1], guide.size, ignore_empty)
+                        [target[:, k:k + 1] for target in guide.targets], [truth[:, k:k + 1] for truth in guide.truths],
+                        guide.size, ignore_empty)
             for k in range(fg.shape[1])
-        ], dim=1)  # (B, K, C)
+        ]
+        scores = [torch.stack([item[t] for item in per_class], dim=1) for t in range(len(guide.targets))]  # (B, K, C)
     else:
         logits = _prototype_logits(features, fg, bg, unit_wise=False)
-        scores = _map_scores(logits, guide.target, guide.truth, guide.size, ignore_empty)[..., None]  # (B, K, 1)
-    scores = scores.masked_fill((fg.isnan() | bg.isnan()).any(-1, keepdim=True), float("nan"))
-    return scores if unit_wise else scores[..., 0]
+        scores = [value[..., None] for value in  # (B, K, 1)
+                  _map_scores(logits, guide.targets, guide.truths, guide.size, ignore_empty)]
+    undefined = (fg.isnan() | bg.isnan()).any(-1, keepdim=True)
+    scores = [value.masked_fill(undefined, float("nan")) for value in scores]
+    return scores if unit_wise else [value[..., 0] for value in scores]
 
 
 def _map_scores(
-    logits: torch.Tensor, target: torch.Tensor, truth: torch.Tensor, size: Sequence[int], ignore_empty: bool
-) -> torch.Tensor:
-    """Dice of each binary map ``_resize(logits, size) > 0`` against its target, resized a chunk of maps at a time.
+    logits: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    truths: Sequence[torch.Tensor],
+    size: Sequence[int],
+    ignore_empty: bool,
+) -> list[torch.Tensor]:
+    """Dice of each binary map ``_resize(logits, size) > 0`` against each target, resized a chunk of maps at a time.
 
     Args:
         logits: ``(B, M, *S_f)`` prototype logits of ``M`` maps.
-        target: bool ``(B, M, |S|)``, or ``(B, 1, |S|)`` shared by every map.
-        truth: ``(B, M)`` or ``(B, 1)`` foreground pixel counts of ``target``.
+        targets: bool ``(B, M, |S|)``, or ``(B, 1, |S|)`` shared by every map, one per reference.
+        truths: ``(B, M)`` or ``(B, 1)`` foreground pixel counts of each target.
         size: ``S``.
         ignore_empty: empty-target rule of :func:`sa_score`.
 
     Returns:
-        ``(B, M)`` scores, in the dtype of ``logits``.
+        ``(B, M)`` scores per target, in the dtype of ``logits``.
     """
-    maps_per_chunk = max(1, UNIT_CHUNK_ELEMENTS // (target.shape[0] * target.shape[2]))
-    intersection, predicted = [], []
+    maps_per_chunk = max(1, UNIT_CHUNK_ELEMENTS // (logits.shape[0] * math.prod(size)))
+    predicted: list[torch.Tensor] = []
+    intersections: list[list[torch.Tensor]] = [[] for _ in targets]
     for start in range(0, logits.shape[1], maps_per_chunk):
         binary = (_resize(logits[:, start:start + maps_per_chunk], size) > 0).flatten(2)
         predicted.append(_count(binary))
-        chunk_target = target if target.shape[1] == 1 else target[:, start:start + maps_per_chunk]
-        intersection.append(_count(binary.logical_and_(chunk_target)))
-    return _dice(torch.cat(intersection, 1), torch.cat(predicted, 1), truth, ignore_empty, logits.dtype)
+        for target, intersection in zip(targets, intersections):
+            chunk_target = target if target.shape[1] == 1 else target[:, start:start + maps_per_chunk]
+            intersection.append(_count(torch.logical_and(binary, chunk_target)))
+    counted = torch.cat(predicted, 1)
+    return [_dice(torch.cat(intersection, 1), counted, truth, ignore_empty, logits.dtype)
+            for intersection, truth in zip(intersections, truths)]
 
 
 def _count(binary: torch.Tensor) -> torch.Tensor:
@@ -211,9 +321,24 @@ def _dice(
 def _prototypes(features: torch.Tensor, guide: _Guide) -> tuple[torch.Tensor, torch.Tensor]:
     """Prototypes of every class of ``guide`` at the features' resolution: ``(fg, bg)``, each ``(B, K, C)``."""
     weights = guide.weights_at(features.shape[2:])  # (B, 2K, *S_f)
-    sums = torch.bmm(weights.flatten(2), features.flatten(2).transpose(1, 2))  # (B, 2K, C)
+    sums = _weighted_sums(weights.flatten(2), features.flatten(2)).to(features.dtype)  # (B, 2K, C)
     means = (sums / guide.totals).masked_fill(guide.totals == 0, float("nan"))
     return means.chunk(2, dim=1)
+
+
+def _weighted_sums(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``weights @ features^T`` for ``(B, M, n)`` weights and ``(B, C, n)`` features: ``(B, M, C)``, in float64.
+
+    A float32 product sums ``n`` terms in one accumulator, whose error grows with ``n`` (1.2 absolute over 96^3
+    voxels). Blocks of :data:`SUM_BLOCK` voxels are multiplied in the features' dtype and their partial sums added in
+    float64, so the error stays that of one block at any volume size, for a few percent of the product's time.
+    """
+    total = torch.zeros(weights.shape[0], weights.shape[1], features.shape[1], dtype=torch.float64,
+                        device=features.device)
+    for start in range(0, features.shape[2], SUM_BLOCK):
+        block = slice(start, start + SUM_BLOCK)
+        total += torch.bmm(weights[..., block], features[..., block].transpose(1, 2))
+    return total
 
 
 def _prototype_logits(
@@ -246,14 +371,33 @@ def _prototype_logits(
 def _resize(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Linear interpolation of ``(B, K, *S_in)`` to ``(B, K, *size)`` (``align_corners=False``).
 
-    Separable: one product with an ``(size_d, S_in_d)`` matrix per axis, whose weights are those of
+    Separable, the last axis first: each axis takes two neighbours and blends them with the weights of
     ``F.interpolate`` (which on CPU runs one thread per image and channel, so is slow for few channels).
     """
-    for axis in reversed(range(2, values.ndim)):  # the last axis first: contiguous
+    for axis in reversed(range(2, values.ndim)):
         n_in, n_out = values.shape[axis], size[axis - 2]
         if n_in != n_out:
-            values = _matmul_along(_interpolation_matrix(n_in, n_out, values.dtype, values.device), values, axis)
+            lower, upper, weight = _interpolation_taps(n_in, n_out, values.dtype, values.device)
+            shape = [1] * values.ndim
+            shape[axis] = n_out
+            values = torch.lerp(values.index_select(axis, lower), values.index_select(axis, upper), weight.view(shape))
     return values
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_taps(
+    n_in: int, n_out: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two neighbours and the weight of the upper one for each output pixel of 1-D linear interpolation
+    (``align_corners=False``): the nonzero entries of :func:`_interpolation_matrix`'s rows.
+
+    Cached per sizes, dtype and device; callers must not modify them.
+    """
+    matrix = _interpolation_matrix(n_in, n_out, dtype, device)  # (n_out, n_in), at most two nonzeros a row
+    lower = (matrix != 0).int().argmax(1)  # the first nonzero column
+    upper = (lower + 1).clamp_max(n_in - 1)
+    weight = matrix.gather(1, upper[:, None])[:, 0].where(upper != lower, torch.zeros((), dtype=dtype, device=device))
+    return lower, upper, weight
 
 
 def _resize_transpose(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -293,20 +437,22 @@ def _prepare(
     prob: torch.Tensor,
     mask: torch.Tensor | None = None,
     target: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    *,
+    guide: str = "soft",
+) -> tuple[torch.Tensor, ...]:
     """Validate the inputs and convert them to plain tensors: float32 (float64 for float64 features), bool target.
 
     Returns:
-        ``(features, origin, prob, mask, target)``: the features translated by ``-origin``, their ``(B, C)`` mean
-        (see :func:`_prepare_features`).
+        ``(features, origin, scale, prob, mask, target)``: the features scaled and translated as
+        :func:`_prepare_features` returns them, then the guide.
 
     Raises:
         TypeError: an argument is not a tensor.
         ValueError: a shape, batch size, device or value range is wrong; the message names the argument.
     """
     _check_inputs(features, prob, mask, target)
-    features, origin = _prepare_features(features)
-    return (features, origin, *_prepare_guide(prob, mask, target, features.dtype))
+    features, origin, scale = _prepare_features(features)
+    return (features, origin, scale, *_prepare_guide(prob, mask, target, features.dtype, guide))
 
 
 def _check_inputs(
@@ -330,6 +476,10 @@ def _check_inputs(
             f"features must have shape (B, C, *S_f) with C > 0 and 1 to 3 non-empty spatial dims, "
             f"got shape {tuple(features.shape)}."
         )
+    if features.is_complex():
+        raise ValueError(f"features must be real-valued, got dtype {features.dtype}.")
+    if features.shape[0] == 0:
+        raise ValueError(f"features hold no image (batch size 0, shape {tuple(features.shape)}): nothing to score.")
     spatial_dims = features.ndim - 2
     for name, value in named.items():
         if name == "features" or value is None:
@@ -349,48 +499,76 @@ def _check_inputs(
             raise ValueError(f"{name} is on {value.device} but features are on {features.device}.")
 
 
-def _prepare_features(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``features`` as a plain float32 tensor (float64 if they are float64), translated to their spatial mean.
+def _prepare_features(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``features`` as a plain float32 tensor (float64 if they are float64), scaled and translated to their mean.
 
-    Prototype logits do not change when features and prototypes move together, and features near the origin keep
-    float32 sums and differences exact to ~1e-7 of their spread instead of their magnitude.
+    Each image is divided by a power of two (exactly) that brings its largest magnitude into [1, 2), so squared
+    distances neither overflow (features of 1e20) nor underflow (1e-30) whatever the features' scale; then translated
+    to its spatial mean, so float32 sums and differences stay exact to ~1e-7 of the features' spread instead of their
+    magnitude. Prototype logits do not change with the translation and only get multiplied by ``scale**2`` (a
+    positive number: the binary map does not change at all).
 
     Returns:
-        ``(features - origin, origin)``, with ``origin`` the ``(B, C)`` mean of each image and channel.
+        ``(prepared, origin, scale)`` with ``features == prepared * scale + origin``: ``origin`` the ``(B, C)`` mean
+        of each image and channel, ``scale`` the ``(B,)`` power of two of each image.
 
     Raises:
         ValueError: the features contain NaN or Inf.
     """
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     features = features.as_subclass(torch.Tensor).to(dtype)
-    origin = features.mean(tuple(range(2, features.ndim)))
-    # a NaN or Inf makes its channel's mean NaN or Inf; so may finite values whose sum overflows: scan those only
-    if not torch.isfinite(origin).all() and not torch.isfinite(features).all():
+    low, high = features.flatten(1).aminmax(dim=1)  # NaN propagates
+    largest = torch.maximum(low.abs(), high.abs())
+    if not torch.isfinite(largest).all():
         raise ValueError("features contain NaN or Inf values.")
-    return features - origin.view(*origin.shape, *(1,) * (features.ndim - 2)), origin
+    exponent = torch.frexp(largest).exponent - 1  # largest / 2**exponent in [1, 2); 2**exponent is finite
+    scale = torch.where(largest > 0, torch.ldexp(torch.ones_like(largest), exponent), torch.ones_like(largest))
+    prepared = features / scale.view(-1, *(1,) * (features.ndim - 1))  # a copy, exact
+    origin = prepared.mean(tuple(range(2, features.ndim)))
+    prepared -= origin.view(*origin.shape, *(1,) * (features.ndim - 2))
+    return prepared, origin * scale[:, None], scale
+
+
+def _rescaled_sigmoid(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(logits * scale**2)`` per image: the map's probabilities from the logits of scaled features.
+
+    ``scale**2`` may overflow to infinity (or underflow to 0): the probability then saturates at 0 or 1 (or is 0.5),
+    as it does in exact arithmetic to the float's precision; a logit of exactly 0 stays 0.5.
+    """
+    factor = (scale.double() ** 2).to(logits.dtype).view(-1, *(1,) * (logits.ndim - 1))
+    return torch.sigmoid(torch.where(logits == 0, torch.zeros((), dtype=logits.dtype), logits * factor))
 
 
 def _prepare_guide(
-    prob: torch.Tensor, mask: torch.Tensor | None, target: torch.Tensor | None, dtype: torch.dtype
+    prob: torch.Tensor,
+    mask: torch.Tensor | None,
+    target: torch.Tensor | None,
+    dtype: torch.dtype,
+    guide: str = "soft",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Check the values of shape-checked ``prob``, ``mask`` and ``target`` (any number of channels).
 
     Returns:
-        plain tensors: ``prob`` and ``mask`` in ``dtype``, ``target`` as bool.
+        plain tensors: the prototype weights ``prob`` (binarised with ``guide="binary"``) and ``mask`` in
+        ``dtype``, ``target`` as bool.
 
     Raises:
-        ValueError: ``prob`` is not in [0, 1], or ``mask`` or ``target`` is not binary.
+        ValueError: ``guide`` is unknown, ``prob`` is not in [0, 1], or ``mask`` or ``target`` is not binary.
     """
+    if guide not in GUIDES:
+        raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}.")
     prob = prob.as_subclass(torch.Tensor).to(dtype)
     low, high = torch.aminmax(prob)  # NaN propagates and fails both comparisons
     if not (low >= 0 and high <= 1):
         raise ValueError(
             f"prob must be a foreground probability in [0, 1] (apply sigmoid or softmax to logits first), "
-            f"got values in [{low.item():.4g}, {high.item():.4g}]."
+            f"got values in [{low.item():.9g}, {high.item():.9g}]."
         )
     for name, value in (("mask", mask), ("target", target)):
         if value is not None and value.dtype != torch.bool and not ((value == 0) | (value == 1)).all():
             raise ValueError(f"{name} must be binary (bool or 0/1 values), got other values.")
+    if guide == "binary":
+        prob = (prob > 0.5).to(dtype)
     if mask is not None:
         mask = mask.as_subclass(torch.Tensor).to(dtype)
     if target is not None:

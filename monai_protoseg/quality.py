@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fingerprint import NetworkFingerprint
 from .io import read_json, write_json
 
 __all__ = ["QualityCalibration", "CALIBRATION_FORMAT", "CALIBRATION_VERSION", "MIN_CASES"]
@@ -60,6 +61,8 @@ class QualityCalibration:
             that all have the same mean SA (no line can be fitted to them).
         n_cases: number of cases fitted (pairs with neither value NaN).
         n_excluded: number of pairs excluded because mean SA or true Dice was NaN.
+        fingerprint: the network (and mean-SA layers) it was fitted for, when ``MeanSAQualityHandler`` fitted it;
+            ``None`` otherwise (``fit`` knows no network).
 
     Example:
         >>> calibration = QualityCalibration.fit([0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])
@@ -76,6 +79,7 @@ class QualityCalibration:
     loo_mae: float
     n_cases: int
     n_excluded: int = 0
+    fingerprint: NetworkFingerprint | None = None
 
     @classmethod
     def fit(cls, mean_sa: ArrayLike, true_dice: ArrayLike) -> QualityCalibration:
@@ -179,7 +183,8 @@ class QualityCalibration:
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-ready dict, with ``format``, ``version`` and the package version.
 
-        NaN values (``pearson_r``, ``loo_mae``) become ``None`` (JSON ``null``); ``from_dict`` turns them back.
+        NaN values (``pearson_r``, ``loo_mae``) become ``None`` (JSON ``null``); ``from_dict`` turns them back. The
+        ``fingerprint`` is written only when there is one.
 
         Example:
             >>> QualityCalibration.fit([0.2, 0.5, 0.9], [0.3, 0.6, 0.8]).to_dict()["format"]
@@ -187,10 +192,12 @@ class QualityCalibration:
         """
         from . import __version__  # here, not at import time: the package imports this module while initialising
 
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fingerprint"}
         for name, value in values.items():
             if isinstance(value, float) and math.isnan(value):
                 values[name] = None
+        if self.fingerprint is not None:
+            values["fingerprint"] = self.fingerprint.to_dict()
         return {
             "format": CALIBRATION_FORMAT,
             "version": CALIBRATION_VERSION,
@@ -202,9 +209,13 @@ class QualityCalibration:
     def from_dict(cls, data: Mapping[str, Any]) -> QualityCalibration:
         """The calibration described by ``data``, as written by ``to_dict``; extra keys are ignored.
 
+        Every value is checked: ``slope`` and ``intercept`` finite, ``pearson_r`` in [-1, 1], ``mae`` and ``loo_mae``
+        in [0, 1] (``pearson_r`` and ``loo_mae`` may be ``None``: undefined), the counts whole numbers, the optional
+        ``fingerprint`` two sha256 digests.
+
         Raises:
             ValueError: ``data`` is not a mapping, has another ``format`` or a newer ``version``, misses fields, or
-                a field has the wrong type or value.
+                a field has the wrong type or value; the message names the field.
 
         Example:
             >>> calibration = QualityCalibration.fit([0.2, 0.5, 0.9], [0.3, 0.6, 0.8])
@@ -221,25 +232,19 @@ class QualityCalibration:
                 f"version {version!r} is not supported: this monai_protoseg reads versions 1 to "
                 f"{CALIBRATION_VERSION} (a newer monai_protoseg may have written it)."
             )
-        names = [f.name for f in fields(cls)]
+        names = [f.name for f in fields(cls) if f.name != "fingerprint"]
         missing = [name for name in names if name not in data]
         if missing:
             raise ValueError(f"missing field(s): {', '.join(missing)}.")
-        values: dict[str, Any] = {}
-        for name in names:
-            value = data[name]
-            if name in ("n_cases", "n_excluded"):
-                low = MIN_CASES if name == "n_cases" else 0
-                if not _is_int(value) or value < low:
-                    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-                values[name] = int(value)
-            elif name in ("pearson_r", "loo_mae") and value is None:
-                values[name] = math.nan
-            elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
-                values[name] = float(value)
-            else:
-                raise ValueError(f"{name} must be a finite number, got {value!r}.")
-        return cls(**values)
+        values: dict[str, Any] = {name: _number(data[name], name) for name in ("slope", "intercept")}
+        values["pearson_r"] = _number(data["pearson_r"], "pearson_r", nullable=True, low=-1, high=1)
+        values["mae"] = _number(data["mae"], "mae", low=0, high=1)
+        values["loo_mae"] = _number(data["loo_mae"], "loo_mae", nullable=True, low=0, high=1)
+        for name, low in (("n_cases", MIN_CASES), ("n_excluded", 0)):
+            if not _is_int(data[name]) or data[name] < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {data[name]!r}.")
+            values[name] = int(data[name])
+        return cls(**values, fingerprint=_fingerprint(data))
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
         """Write the calibration to ``path`` as JSON, atomically (see ``monai_protoseg.io.write_json``).
@@ -323,3 +328,29 @@ def _loo_mae(x: np.ndarray, y: np.ndarray) -> float:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(
+    value: Any, name: str, *, nullable: bool = False, low: float = -math.inf, high: float = math.inf,
+    positive: bool = False,
+) -> float:
+    """A number read from JSON: finite, in ``[low, high]`` (and > 0 with ``positive``); ``None`` is NaN (undefined)
+    where ``nullable``.
+
+    Raises:
+        ValueError: naming the field ``name``, the value and what it must be.
+    """
+    if value is None and nullable:
+        return math.nan
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number{' or null' if nullable else ''}, got {value!r}.")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}.")
+    return float(value)
+
+
+def _fingerprint(data: Mapping[str, Any]) -> NetworkFingerprint | None:
+    """The optional ``fingerprint`` of a saved calibration or estimator (``None`` when absent or null)."""
+    return None if data.get("fingerprint") is None else NetworkFingerprint.from_dict(data["fingerprint"])

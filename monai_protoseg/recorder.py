@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from types import TracebackType
@@ -25,7 +26,7 @@ from monai.networks.nets import (
 )
 from torch import nn
 
-__all__ = ["FeatureRecorder", "resolve_layers", "forward_hooks_suspended", "candidate_layers", "last_decoder_layers"]
+__all__ = ["FeatureRecorder", "layer_list", "resolve_layers", "forward_hooks_suspended", "candidate_layers", "last_decoder_layers"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -35,6 +36,17 @@ def _strip_wrapper_prefixes(name: str) -> str:
     while name.startswith(_WRAPPER_PREFIXES):
         name = name.split(".", 1)[1]
     return name
+
+
+def layer_list(layers: Iterable[str], argument: str = "layers") -> list[str]:
+    """``layers`` as a list of names, refusing a single string (whose characters would be taken for names).
+
+    Raises:
+        TypeError: ``layers`` is a string; the message names ``argument`` and shows the list to write.
+    """
+    if isinstance(layers, str):
+        raise TypeError(f"{argument} must be a list of layer names, got the string {layers!r}: write [{layers!r}].")
+    return list(layers)
 
 
 def resolve_layers(network: nn.Module, layers: Iterable[str]) -> dict[str, nn.Module]:
@@ -58,6 +70,7 @@ def resolve_layers(network: nn.Module, layers: Iterable[str]) -> dict[str, nn.Mo
         >>> list(resolve_layers(nn.DataParallel(net), ["model.0"]))
         ['model.0']
     """
+    layers = layer_list(layers)
     modules = dict(network.named_modules())
     by_bare_name: dict[str, nn.Module] = {}
     for qualified, module in modules.items():
@@ -104,6 +117,9 @@ class FeatureRecorder:
         self._features: dict[str, torch.Tensor] = {}
         self._versions: dict[str, int | None] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._this_pass: set[str] | None = None  # the layers recorded in the network's running forward pass
+        self._network_calls = 0
+        self._warned_reuse: set[str] = set()
 
     @property
     def layers(self) -> list[str]:
@@ -117,8 +133,15 @@ class FeatureRecorder:
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         if layer not in self._features:
-            state = "was not run in the last forward pass" if layer in self.modules else "is not recorded"
-            raise KeyError(f"layer {layer!r} {state}; recorded layers: {self.layers}.")
+            if layer not in self.modules:
+                raise KeyError(f"layer {layer!r} is not recorded; recorded layers: {self.layers}.")
+            if self._network_calls and _is_compiled(self.network):
+                raise KeyError(
+                    f"layer {layer!r} recorded nothing although {type(self.network).__name__} ran: the network is "
+                    f"compiled (torch.compile), and its compiled graph ignores forward hooks added after its first "
+                    f"call. Record the uncompiled module (network._orig_mod), or record before the first call."
+                )
+            raise KeyError(f"layer {layer!r} was not run in the last forward pass; recorded layers: {self.layers}.")
         output = self._features[layer]
         if self._versions[layer] is not None and output._version != self._versions[layer]:
             raise RuntimeError(
@@ -136,7 +159,10 @@ class FeatureRecorder:
         if self._handles:
             raise RuntimeError("this FeatureRecorder is already active; it cannot be entered twice.")
         self.clear()
+        self._network_calls = 0
         try:
+            self._handles.append(self.network.register_forward_pre_hook(self._pass_starts))
+            self._handles.append(self.network.register_forward_hook(self._pass_ends, always_call=True))
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
         except BaseException:
@@ -154,8 +180,27 @@ class FeatureRecorder:
         while self._handles:
             self._handles.pop().remove()
 
+    def _pass_starts(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the network: a forward pass starts."""
+        self._network_calls += 1
+        self._this_pass = set()
+
+    def _pass_ends(self, module: nn.Module, args: tuple, output: object) -> None:
+        """Forward hook of the network (also when it raises): the pass is over."""
+        self._this_pass = None
+
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            reused = self._this_pass is not None and name in self._this_pass
+            if reused and name not in self._warned_reuse:
+                self._warned_reuse.add(name)
+                warnings.warn(
+                    f"layer {name!r} ({type(module).__name__}) ran more than once in one forward pass (the network "
+                    f"reuses it): only its last output is recorded. Record a module that runs once per pass.",
+                    stacklevel=2,
+                )
+            if self._this_pass is not None:
+                self._this_pass.add(name)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(
                     f"layer {name!r} ({type(module).__name__}) returned {type(output).__name__}, not a tensor; "
@@ -168,6 +213,11 @@ class FeatureRecorder:
             self._versions[name] = None if untracked else stored._version
 
         return record
+
+
+def _is_compiled(network: nn.Module) -> bool:
+    """Whether ``network`` or one of its submodules is a ``torch.compile`` wrapper."""
+    return any(hasattr(module, "_orig_mod") for module in network.modules())
 
 
 @contextlib.contextmanager

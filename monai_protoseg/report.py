@@ -11,7 +11,6 @@ Reading, plotting and writing are separate functions: ``read_*`` return plain da
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import math
@@ -25,7 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .handlers.attribution import COLUMNS as ATTRIBUTION_COLUMNS
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, read_csv
 from .maps import plot_prototype_maps, read_snapshot
 from .quality import QualityCalibration
 
@@ -101,71 +100,52 @@ class QualityRows:
     review: np.ndarray
 
 
-def _read_rows(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str, str]]:
-    """The rows of a CSV file as dicts; ValueError naming the file when it is not that CSV."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file {path}")
-    try:
-        with open(path, newline="", encoding="utf-8") as stream:
-            reader = csv.DictReader(stream)
-            missing = [column for column in required if column not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path} is not the expected CSV: it has no column(s) {', '.join(missing)}.")
-            rows = []
-            for row in reader:
-                if None in row or None in row.values():  # more or fewer cells than the header has columns
-                    raise ValueError(f"{path}, line {reader.line_num}: the number of cells differs from the header's "
-                                     f"{len(reader.fieldnames)} columns.")
-                rows.append(row)
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"{path} is not a readable CSV file ({error}).") from error
-    if not rows:
-        raise ValueError(f"{path} has no rows.")
-    return rows
-
-
-def _floats(rows: list[dict[str, str]], column: str, path: str | os.PathLike) -> np.ndarray:
-    try:
-        return np.array([float(row[column]) for row in rows], dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: column {column!r} holds a value that is not a number ({error}).") from error
-
-
 def read_layer_scores(path: str | os.PathLike) -> LayerScores:
     """Read ``sa_layers.csv`` (columns ``case``, ``class``, then one per layer).
 
+    Every SA must be in [0, 1] or ``nan`` (undefined: an empty reference or no prototype). A file whose every SA is
+    ``nan`` is read as it is: the report then says that SA is undefined everywhere.
+
     Raises:
-        FileNotFoundError: no such file. ValueError: not that kind of CSV (the message names the file).
+        FileNotFoundError: no such file. ValueError: not that kind of CSV, cut short, or a value that is not an SA
+            (see :func:`~monai_protoseg.io.read_csv`; the message names the file, and the line and column).
     """
-    rows = _read_rows(path, ["case", "class"])
-    layers = [column for column in rows[0] if column not in ("case", "class")]
+    table = read_csv(path, ["case", "class"])
+    layers = [column for column in table.columns if column not in ("case", "class")]
     if not layers:
         raise ValueError(f"{path} has no layer columns.")
-    values = np.stack([_floats(rows, layer, path) for layer in layers], axis=1)
-    return LayerScores(layers, [row["case"] for row in rows], [row["class"] for row in rows], values)
+    values = np.stack([table.floats(layer) for layer in layers], axis=1)
+    return LayerScores(layers, [row["case"] for row in table.rows], [row["class"] for row in table.rows], values)
 
 
 def read_unit_scores(path: str | os.PathLike) -> dict[tuple[str, str], np.ndarray]:
-    """Read ``sa_units.csv`` (columns ``layer``, ``class``, ``unit``, ``sa``) as ``{(layer, class): unit SA}``."""
-    rows = _read_rows(path, ["layer", "class", "unit", "sa"])
-    scores = _floats(rows, "sa", path)
+    """Read ``sa_units.csv`` (columns ``layer``, ``class``, ``unit``, ``sa``) as ``{(layer, class): unit SA}``.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: as :func:`read_layer_scores`.
+    """
+    table = read_csv(path, ["layer", "class", "unit", "sa"])
     units: dict[tuple[str, str], list[float]] = {}
-    for row, score in zip(rows, scores):
+    for row, score in zip(table.rows, table.floats("sa")):
         units.setdefault((row["layer"], row["class"]), []).append(score)
     return {key: np.array(values) for key, values in units.items()}
 
 
 def read_quality(path: str | os.PathLike) -> QualityRows:
-    """Read a ``MeanSAQualityHandler`` CSV (``true_dice`` only when it was written during validation)."""
-    rows = _read_rows(path, ["case", "class", "mean_sa", "estimated_dice", "review"])
+    """Read a ``MeanSAQualityHandler`` CSV (``true_dice`` only when it was written during validation).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: as :func:`read_layer_scores`; ``review`` must be ``True`` or
+            ``False``.
+    """
+    table = read_csv(path, ["case", "class", "mean_sa", "estimated_dice", "review"])
     return QualityRows(
-        cases=[row["case"] for row in rows],
-        classes=[row["class"] for row in rows],
-        mean_sa=_floats(rows, "mean_sa", path),
-        true_dice=_floats(rows, "true_dice", path) if "true_dice" in rows[0] else None,
-        estimated_dice=_floats(rows, "estimated_dice", path),
-        review=np.array([row["review"] == "True" for row in rows]),
+        cases=[row["case"] for row in table.rows],
+        classes=[row["class"] for row in table.rows],
+        mean_sa=table.floats("mean_sa"),
+        true_dice=table.floats("true_dice") if "true_dice" in table.columns else None,
+        estimated_dice=table.floats("estimated_dice"),
+        review=table.booleans("review"),
     )
 
 
@@ -176,6 +156,8 @@ def _short(layer: str) -> str:
 
 def plot_layer_sa(scores: LayerScores) -> Figure:
     """Layer-wise SA along the network (encoder to decoder): per class, the mean over cases and the 25-75% band.
+
+    A class whose SA is undefined in every layer has no line; when no class has one, the axes say so.
 
     Args:
         scores: per-case layer-wise SA.
@@ -189,6 +171,8 @@ def plot_layer_sa(scores: LayerScores) -> Figure:
     for name in scores.class_names():
         values = scores.of_class(name)
         defined = ~np.isnan(values).all(axis=0)
+        if not defined.any():
+            continue
         mean = np.full(len(scores.layers), np.nan)
         low, high = mean.copy(), mean.copy()
         mean[defined] = np.nanmean(values[:, defined], axis=0)
@@ -201,7 +185,11 @@ def plot_layer_sa(scores: LayerScores) -> Figure:
     axis.set_xlabel("layer (encoder → decoder)")
     axis.set_title(f"Layer-wise segmentation ability over {len(set(scores.cases))} cases")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    if axis.lines:
+        axis.legend(fontsize=8)
+    else:
+        axis.text(0.5, 0.5, "SA undefined (NaN) in every case, class and layer", ha="center", va="center",
+                  transform=axis.transAxes)
     return figure
 
 
@@ -389,9 +377,13 @@ def _layer_section(run: RunFiles) -> Section | None:
     if not path.is_file():
         return None
     scores = read_layer_scores(path)
+    summary = _best_layers(scores)
+    if np.isnan(scores.values).all():
+        summary.insert(0, f"Every SA in `{path.name}` is undefined (NaN): no case has both a non-empty reference and "
+                          f"prototypes at any layer; check that the labels hold the scored classes.")
     return Section(
         "Layer-wise segmentation ability (validation, against the ground truth)",
-        summary=_best_layers(scores),
+        summary=summary,
         blocks=[_layer_table(scores), PNGImage("layer_sa.png", "layer-wise SA", _png(plot_layer_sa(scores)))],
     )
 
@@ -484,7 +476,9 @@ def _inference_section(run: RunFiles) -> Section | None:
     quality = read_quality(path)
     flagged = [f"{case} ({name})" for case, name, flag in zip(quality.cases, quality.classes, quality.review) if flag]
     calibrated = not np.isnan(quality.estimated_dice).all()
-    findings = (f"mean SA {np.nanmean(quality.mean_sa):.3f}, "
+    defined = ~np.isnan(quality.mean_sa)
+    findings = ((f"mean SA {quality.mean_sa[defined].mean():.3f}, " if defined.any()
+                 else "mean SA undefined in every row (empty predictions), ")
                 + (f"mean estimated Dice {np.nanmean(quality.estimated_dice):.3f}" if calibrated
                    else "no calibration (mean SA only)")
                 + f"; {len(flagged)} flagged for review")
@@ -528,15 +522,18 @@ def read_attribution_metrics(path: str | os.PathLike) -> list[dict[str, str | bo
     the four faithfulness columns of :class:`~monai_protoseg.AttributionHandler` and ``seconds_per_case``.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: not that kind of CSV (the message names the file).
+        FileNotFoundError: no such file. ValueError: not that kind of CSV, cut short, or a value out of range (the
+            four faithfulness columns in [0, 1] or ``nan``, ``cases`` a count, ``seconds_per_case`` >= 0, ``reference``
+            ``True`` or ``False``); the message names the file, and the line and column.
     """
-    numbers = ["cases", *ATTRIBUTION_COLUMNS, "seconds_per_case"]
-    rows = _read_rows(path, ["task", "method", "reference", *numbers])
-    values = {column: _floats(rows, column, path) for column in numbers}
-    return [{"task": row["task"], "method": row["method"], "reference": row["reference"] == "True",
-             **{column: int(values[column][i]) if column == "cases" else float(values[column][i])
-                for column in numbers}}
-            for i, row in enumerate(rows)]
+    table = read_csv(path, ["task", "method", "reference", "cases", *ATTRIBUTION_COLUMNS, "seconds_per_case"])
+    reference, cases = table.booleans("reference"), table.integers("cases")
+    values = {column: table.floats(column) for column in ATTRIBUTION_COLUMNS}
+    seconds = table.floats("seconds_per_case", 0, math.inf)
+    return [{"task": row["task"], "method": row["method"], "reference": bool(reference[i]), "cases": int(cases[i]),
+             **{column: float(values[column][i]) for column in ATTRIBUTION_COLUMNS},
+             "seconds_per_case": float(seconds[i])}
+            for i, row in enumerate(table.rows)]
 
 
 def _attribution_section(run: RunFiles) -> Section | None:
@@ -587,16 +584,14 @@ def _weak_section(run: RunFiles) -> Section | None:
     if not scores.is_file():
         return None
     numbers = ["iou", "dice", "normal_false_positive", "seconds_per_case"]
-    rows = _read_rows(scores, SUMMARY_COLUMNS)
-    values = {column: _floats(rows, column, scores) for column in numbers}
-    titles = [f"{METHOD_TITLES.get(row['method'], row['method'])} ({row['threshold']})" for row in rows]
-    summary = []
-    if rows:
-        best = int(np.nanargmax(values["iou"])) if not np.isnan(values["iou"]).all() else 0
-        summary.append(f"Segmentation from image-level labels ({rows[best]['lesion_cases']} lesion and "
-                       f"{rows[best]['normal_cases']} normal held-out cases): the highest dataset IoU of "
-                       f"{len(rows)} methods is {titles[best]} ({values['iou'][best]:.3f}, mean Dice "
-                       f"{values['dice'][best]:.3f}).")
+    table = read_csv(scores, SUMMARY_COLUMNS)
+    values = {column: table.floats(column, 0, math.inf if column == "seconds_per_case" else 1) for column in numbers}
+    lesion, normal = table.integers("lesion_cases"), table.integers("normal_cases")
+    titles = [f"{METHOD_TITLES.get(row['method'], row['method'])} ({row['threshold']})" for row in table.rows]
+    best = int(np.nanargmax(values["iou"])) if not np.isnan(values["iou"]).all() else 0
+    summary = [f"Segmentation from image-level labels ({lesion[best]} lesion and {normal[best]} normal held-out "
+               f"cases): the highest dataset IoU of {len(titles)} methods is {titles[best]} "
+               f"({values['iou'][best]:.3f}, mean Dice {values['dice'][best]:.3f})."]
     cells = [[title, *("-" if math.isnan(values[column][i]) else f"{values[column][i]:.3f}" for column in numbers[:3]),
               f"{values['seconds_per_case'][i]:.3g}"] for i, title in enumerate(titles)]
     blocks: list[Block] = [
@@ -610,17 +605,17 @@ def _weak_section(run: RunFiles) -> Section | None:
               right=[False, True, True, True, True]),
     ]
     if faithfulness.is_file():
-        checks = _read_rows(faithfulness, FAITHFULNESS_COLUMNS)
-        accuracy = _floats(checks, "accuracy", faithfulness)
+        checks = read_csv(faithfulness, FAITHFULNESS_COLUMNS)
+        accuracy = checks.floats("accuracy")
         blocks += [Paragraph("Faithfulness (seed 003): a classifier retrained and tested on heatmap-filtered images. "
                              "If the heatmaps hold what the classifier uses, the highlighted images keep the accuracy "
                              "and the rest loses it."),
                    Table(["training and test images", "accuracy"],
-                         [[row["training_images"], f"{accuracy[i]:.3f}"] for i, row in enumerate(checks)],
+                         [[row["training_images"], f"{accuracy[i]:.3f}"] for i, row in enumerate(checks.rows)],
                          right=[False, True])]
         summary += [f"Faithfulness: accuracy {accuracy[0]:.3f} on the original images, "
                     + ", ".join(f"{accuracy[i]:.3f} retrained on {row['training_images']}"
-                                for i, row in enumerate(checks) if i) + "."]
+                                for i, row in enumerate(checks.rows) if i) + "."]
     for name, alt in ((figure, "weak supervision masks"), (folder / "weak_maps.png", "weak supervision maps")):
         if name.is_file():
             blocks.append(PNGImage(name.name, alt, name.read_bytes()))
@@ -645,8 +640,9 @@ def build_sections(run: RunFiles) -> list[Section]:
 
     Raises:
         FileNotFoundError: ``run.run_dir`` does not exist, or holds neither ``sa_layers.csv`` nor
-            ``weak/weak_segmentation.csv``. ValueError: a CSV file is not
-            the expected one (the message names it).
+            ``weak/weak_segmentation.csv``. ValueError: a CSV file is not the expected one, was cut short, or
+            holds a value out of range (see :func:`~monai_protoseg.io.read_csv`; the message names the file, and the
+            line and column).
     """
     if not run.run_dir.is_dir():
         raise FileNotFoundError(f"no run folder {run.run_dir}")
@@ -769,8 +765,9 @@ def write_report(
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist, or holds neither ``sa_layers.csv`` nor
-            ``weak/weak_segmentation.csv``. ValueError: a CSV file is not the
-            expected one (the message names it).
+            ``weak/weak_segmentation.csv``. ValueError: a CSV file is not the expected one, was cut short, or
+            holds a value out of range (see :func:`~monai_protoseg.io.read_csv`; the message names the file, and the
+            line and column). A file whose every SA is ``nan`` (undefined) is no error: the report says so.
     """
     run = RunFiles(pathlib.Path(run_dir), validation_quality, inference_quality, active_threshold)
     output_dir = run.run_dir / "report" if output_dir is None else pathlib.Path(output_dir)

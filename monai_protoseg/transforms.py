@@ -15,7 +15,7 @@ from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple
 
-from .protoseg import prototype_map, sa_score
+from .protoseg import GUIDES, prototype_map, sa_score
 
 __all__ = ["ForegroundProbability", "ForegroundProbabilityd", "ProtoSegd"]
 
@@ -181,9 +181,11 @@ class ProtoSegd(MapTransform):
         ignore_empty: empty-label rule of :func:`~monai_protoseg.sa_score` (NaN when ``True``; else 1 if the map
             is empty too, 0 otherwise).
         allow_missing_keys: skip the image keys that are not in the data instead of raising ``KeyError``.
+        guide: ``"soft"`` (prototypes weighted by the probability) or ``"binary"`` (by the probability > 0.5).
 
     Raises:
-        ValueError: ``map_keys`` or ``score_keys`` does not have one key per entry of ``keys``.
+        ValueError: ``map_keys`` or ``score_keys`` does not have one key per entry of ``keys``, or ``guide`` is
+            unknown.
 
     Example:
         >>> label = torch.zeros(1, 32, 32); label[:, 8:24, 8:24] = 1
@@ -208,8 +210,12 @@ class ProtoSegd(MapTransform):
         unit_wise: bool = False,
         ignore_empty: bool = True,
         allow_missing_keys: bool = False,
+        guide: str = "soft",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if guide not in GUIDES:
+            raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}.")
+        self.guide = guide
         self.prob_key = prob_key
         self.label_key = label_key
         self.mask_key = mask_key
@@ -260,10 +266,11 @@ class ProtoSegd(MapTransform):
             for k in range(prob.shape[0]):
                 prob_k = prob[k : k + 1][None]
                 try:
-                    maps.append(prototype_map(features, prob_k, mask, unit_wise=self.unit_wise)[0])
+                    options = {"unit_wise": self.unit_wise, "guide": self.guide}
+                    maps.append(prototype_map(features, prob_k, mask, **options)[0])
                     if label is not None:
                         target = label[k : k + 1][None]
-                        options = {"unit_wise": self.unit_wise, "ignore_empty": self.ignore_empty}
+                        options["ignore_empty"] = self.ignore_empty
                         scores.append(sa_score(features, prob_k, target, mask, **options)[0])
                 except ValueError as error:
                     roles = self._roles(key, label is not None)

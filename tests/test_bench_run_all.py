@@ -25,6 +25,7 @@ TITLES = {
     "scaling": "Scaling with volume size and probed layers",
     "attribution": "Attribution methods and ProtoSeg maps compared",
     "zoo": "The drop-in handlers on the model zoo's spleen evaluation (issue 15)",
+    "streaming": "Streamed against stitched SA on a pancreas-like case (issue 17)",
 }
 CHECK_COLUMNS = ["figure", "value", "target", "result"]
 
@@ -111,7 +112,8 @@ def test_machine_details(quick_run):
 def test_each_section_names_its_command_and_has_its_tables(quick_run):
     found = sections(quick_run[0])
     columns = {
-        "core": [["method", "time (s)", "extra peak (MiB)"]],
+        "core": [["method", "time (s)", "extra peak (MiB)"],
+                 ["prototype_map at 32^3, 16 channels, float32", "time (s)", "max error vs float64"]],
         "validation": [["inferer", "plain (s)", "with SA (s)"]],
         "quality": [["signal", "test n", "Pearson r", "MAE", "common n", "r (common)", "MAE (common)", "val r",
                      "val LOO MAE"], ["signal", "noise", "blur", "bias", "contrast"],
@@ -125,6 +127,8 @@ def test_each_section_names_its_command_and_has_its_tables(quick_run):
                          "time (s/case)"]] * 2,
         "zoo": [["run", "wall (s)", "CPU (s)", "peak allocated (MiB)"], ["layer", "stitched shape", "MiB"],
                 ["bundle and case", "candidate layers", "stitched features (GiB)"]],
+        "streaming": [["run", "time (s)", "time / plain", "peak (MiB)", "extra peak (MiB)"],
+                      ["probed layers", "stitched extra peak (MiB)", "streamed extra peak (MiB)"]],
     }
     for name, title in TITLES.items():
         module, _, quick = run_all.BENCHMARKS[name]
@@ -133,18 +137,26 @@ def test_each_section_names_its_command_and_has_its_tables(quick_run):
         *measurements, checks = tables(found[title])
         assert [list(table[0]) for table in measurements] == columns[name]
         assert list(checks[0]) == CHECK_COLUMNS
-    core, _ = tables(found[TITLES["core"]])
-    assert [row["method"] for row in core] == ["naive layer-wise", "ours layer-wise", "ours unit-wise (all 609 units)"]
+    core, exact, _ = tables(found[TITLES["core"]])
+    assert [row["method"] for row in core] == ["naive layer-wise", "ours layer-wise",
+                                               "ours, all layers at once (sa_scores)", "ours unit-wise (all 609 units)",
+                                               "the network's forward pass"]
+    assert [row["prototype_map at 32^3, 16 channels, float32"] for row in exact] == ["block sums", "one accumulator"]
 
 
 def test_figures_follow_from_the_measurements(quick_run):
     found = sections(quick_run[0])
-    core, core_checks = tables(found[TITLES["core"]])
-    naive, ours, units = core
-    expected = [(naive["time (s)"], ours["time (s)"]), (naive["extra peak (MiB)"], ours["extra peak (MiB)"]),
+    core, exact, core_checks = tables(found[TITLES["core"]])
+    naive, ours, together, units, forward = core
+    blocks, one = exact
+    expected = [(together["time (s)"], forward["time (s)"]), None, (blocks["time (s)"], one["time (s)"]),
+                (naive["time (s)"], ours["time (s)"]), (naive["extra peak (MiB)"], ours["extra peak (MiB)"]),
                 (naive["time (s)"], units["time (s)"])]
-    for check, (numerator, denominator) in zip(core_checks, expected, strict=True):
-        assert_quotient(check["value"], numerator, denominator)
+    for check, quotient in zip(core_checks, expected, strict=True):
+        if quotient is None:  # the float32 error itself
+            assert float(check["value"]) == pytest.approx(float(blocks["max error vs float64"]), rel=0.01)
+        else:
+            assert_quotient(check["value"], *quotient)
 
     validation, validation_checks = tables(found[TITLES["validation"]])
     for row, check in zip(validation, validation_checks, strict=True):
@@ -192,6 +204,22 @@ def test_figures_follow_from_the_measurements(quick_run):
     for check, (task, rows, name, reference) in zip(attribution_checks, expected, strict=True):
         assert check["figure"] == f"{task}: {name} deletion AUC / {reference} map's"
         assert_quotient(check["value"], rows[name]["deletion AUC"], rows[f"{reference} (reference)"]["deletion AUC"])
+
+    (plain, stitched, streamed), sweep, streaming_checks = tables(found[TITLES["streaming"]])
+    assert [row["run"] for row in (plain, stitched, streamed)] == ["plain sliding window", "stitched SA",
+                                                                   "streamed SA"]
+    for row in (stitched, streamed):
+        assert_quotient(row["time / plain"], row["time (s)"], plain["time (s)"])
+    assert [row["probed layers"] for row in sweep] == ["1", "10"]
+    assert [sweep[-1]["stitched extra peak (MiB)"], sweep[-1]["streamed extra peak (MiB)"]] == [
+        stitched["extra peak (MiB)"], streamed["extra peak (MiB)"]]
+    peak_ratio, streamed_time, stitched_time, *slopes, _ = streaming_checks
+    assert_quotient(peak_ratio["value"], streamed["extra peak (MiB)"], stitched["extra peak (MiB)"])
+    assert streamed_time["value"] == streamed["time / plain"] + "x"
+    assert stitched_time["value"] == stitched["time / plain"] + "x"
+    for check, column in zip(slopes, ("stitched extra peak (MiB)", "streamed extra peak (MiB)"), strict=True):
+        low, high = (float(row[column]) for row in sweep)
+        assert float(check["value"].split()[0]) == pytest.approx((high - low) / 9, rel=1e-2, abs=1e-2)
 
     summary = []
     for name, title in TITLES.items():

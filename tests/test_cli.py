@@ -383,7 +383,7 @@ def test_help_of_each_command(capsys, command):
 def test_demo_command_is_make_demo():
     assert DEMO_BUNDLE == ROOT / "bundles" / "protoseg_demo" and (DEMO_BUNDLE / "configs" / "train.json").is_file()
     assert demo_command(DEMO_BUNDLE, ["--epochs", "2", "--output_dir", "/tmp/x"]) == [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(DEMO_BUNDLE / "configs" / "train.json"),
+        sys.executable, "-m", "monai_protoseg", "run", "--config_file", str(DEMO_BUNDLE / "configs" / "train.json"),
         "--bundle_root", str(DEMO_BUNDLE), "--epochs", "2", "--output_dir", "/tmp/x"]
 
 

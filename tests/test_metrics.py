@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import monai_protoseg.metrics as metrics
 import monai_protoseg.protoseg as protoseg
-from monai_protoseg import SAScoreMetric, sa_score
+from monai_protoseg import SAScoreMetric, sa_score, sa_scores
 from tests.naive_protoseg import naive_sa_score
 
 # Layers at three scales of a (9, 10, 11) image, two of them at the same scale.
@@ -54,7 +53,7 @@ def test_float64_scores_equal_the_naive_formulation():
 
 def test_inputs_are_checked_and_weighted_once_per_batch(monkeypatch):
     calls = {"_prepare_guide": 0, "_resize_transpose": 0}
-    for module, name in ((metrics, "_prepare_guide"), (protoseg, "_resize_transpose")):
+    for module, name in ((protoseg, "_prepare_guide"), (protoseg, "_resize_transpose")):
         original = getattr(module, name)
 
         def counted(*args, _name=name, _original=original, **kwargs):
@@ -114,3 +113,33 @@ def test_missing_layer_is_an_error():
     del features["mid"]
     with pytest.raises(ValueError, match=r"no features for layers \['mid'\]"):
         SAScoreMetric(list(FEATURE_SIZES))(prob, target, features=features)
+
+
+def test_sa_scores_of_several_targets_equal_the_naive_formulation_and_build_each_map_once(monkeypatch):
+    features, prob, target, mask = batch(dtype=torch.float64)
+    other = torch.rand(target.shape, generator=torch.Generator().manual_seed(5)) > 0.3
+    resized = []
+    original = protoseg._resize
+    monkeypatch.setattr(protoseg, "_resize", lambda values, size: resized.append(1) or original(values, size))
+    first, second = sa_scores(features, prob, [target, other], mask)
+    assert len(resized) == len(FEATURE_SIZES)  # one binary map per layer, counted against both targets
+    for reference, scores in ((target, first), (other, second)):
+        assert list(scores) == list(FEATURE_SIZES)
+        for layer, values in scores.items():
+            naive = torch.stack([naive_sa_score(features[layer], prob[:, k:k + 1], reference[:, k:k + 1], mask)
+                                 for k in range(3)], dim=1)
+            torch.testing.assert_close(values, naive, atol=1e-12, rtol=0, equal_nan=True)
+    single = sa_scores(features, prob, target, mask)  # one target: one dict
+    torch.testing.assert_close(torch.stack(list(single.values())), torch.stack(list(first.values())), equal_nan=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda f, p, t: ({**f, "mid": f["mid"][:1]}, p, t), "layer 'mid': batch sizes differ"),
+    (lambda f, p, t: (f, p, [t, t[:, :2]]), r"layer 'coarse': target\[1\] must have the shape of prob"),
+    (lambda f, p, t: ({}, p, t), "features is empty"),
+    (lambda f, p, t: (f, p, []), "target is an empty sequence"),
+])
+def test_sa_scores_bad_input_names_the_layer_and_argument(args, message):
+    features, prob, target, _ = batch()
+    with pytest.raises(ValueError, match=message):
+        sa_scores(*args(features, prob, target))

@@ -313,13 +313,13 @@ def test_resize_transpose_is_the_adjoint_of_resize():
         torch.testing.assert_close(lhs, rhs)
 
 
-def test_large_finite_features_are_valid():
+def test_the_largest_finite_features_are_scored_as_in_float64():
     features, prob, _, target = random_case((4, 4), (8, 8))
-    features[0, 0, :2] = torch.finfo(torch.float32).max  # their float32 mean overflows, yet they are finite
+    features[0, 0, :2] = torch.finfo(torch.float32).max  # their float32 mean and squares overflow, yet they are finite
     features[1, 1, :2] = -torch.finfo(torch.float32).max
-    origin = protoseg._prepare_features(features)[1]
-    assert origin[0, 0].isinf() and origin[1, 1].isinf()
-    protoseg._prepare(features, prob, None, target)  # no error
+    prepared, origin, scale = protoseg._prepare_features(features)
+    assert prepared.abs().max() <= 4 and origin.isfinite().all() and scale.isfinite().all()
+    torch.testing.assert_close(sa_score(features, prob, target), sa_score(features.double(), prob, target).float())
 
 
 def test_resize_is_linear_interpolation():
@@ -335,3 +335,53 @@ def test_count_per_row():
     binary = torch.rand(3, 4, 50, generator=torch.Generator().manual_seed(0)) > 0.5
     assert torch.equal(protoseg._count(binary), binary.sum(-1))
     assert torch.equal(protoseg._count(binary[:, 1:]), binary[:, 1:].sum(-1))
+
+
+def test_float32_maps_stay_within_1e_4_of_float64_at_128_cubed():
+    """One float32 accumulator over 128^3 voxels put the map 7.9e-4 off on this case; block sums keep it ~3e-5."""
+    n = 128
+    gen = torch.Generator().manual_seed(0)
+    prob = torch.zeros(1, 1, n, n, n)
+    prob[..., n // 4:3 * n // 4, n // 4:3 * n // 4, n // 3:2 * n // 3] = 1
+    prob = (0.8 * prob + 0.1 + 0.1 * torch.rand(1, 1, n, n, n, generator=gen)).clamp(0, 1)
+    features = 10 * (torch.randn(1, 16, n, n, n, generator=gen) + prob)
+    error = (prototype_map(features, prob).double() - prototype_map(features.double(), prob.double())).abs().max()
+    assert error < 1e-4
+
+
+def test_weighted_sums_are_exact_to_one_block():
+    gen = torch.Generator().manual_seed(0)
+    weights, features = torch.rand(2, 4, 300_000, generator=gen), 5 + torch.randn(2, 3, 300_000, generator=gen)
+    exact = torch.bmm(weights.double(), features.double().transpose(1, 2))
+    blocked = protoseg._weighted_sums(weights, features)
+    plain = torch.bmm(weights, features.transpose(1, 2)).double()
+    assert (blocked - exact).abs().max() < (plain - exact).abs().max() / 5
+
+
+def test_the_binary_map_is_the_one_sa_score_scores_even_where_p_rounds_to_one_half():
+    gen = torch.Generator().manual_seed(0)
+    prob = torch.zeros(1, 1, 16, 16)
+    prob[..., 4:12, 4:12] = 1
+    # features whose two prototypes are 1e-5 apart: logits ~1e-10, where sigmoid rounds to exactly 0.5 in float32
+    features = 1e-5 * (prob + 0.5 * torch.rand(1, 1, 16, 16, generator=gen)) + 1
+    binary = prototype_map(features, prob, binary=True)
+    soft = prototype_map(features, prob)
+    assert binary.dtype == torch.bool and binary.any()
+    assert (soft == 0.5).any() and not torch.equal(binary, soft > 0.5)
+    for target in (binary, prob > 0.5, torch.rand(1, 1, 16, 16, generator=gen) > 0.5):
+        dice = 2 * (binary & target).sum() / (binary.sum() + target.sum())
+        torch.testing.assert_close(sa_score(features, prob, target), dice.reshape(1))
+    assert (prototype_map(features, prob, binary=True, unit_wise=True) == binary).all()  # one channel: the same
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_binary_guide_weights_the_prototypes_by_the_binarised_prediction(masked):
+    features, prob, mask, target = random_case((4, 5), (8, 10), masked=masked, dtype=torch.float64)
+    binarised = (prob > 0.5).double()
+    for fn in (prototype_map, lambda *args, **kw: prototypes(*args, **kw)[0]):
+        torch.testing.assert_close(fn(features, prob, mask, guide="binary"), fn(features, binarised, mask))
+    torch.testing.assert_close(sa_score(features, prob, target, mask, guide="binary"),
+                               naive_sa_score(features, binarised, target, mask), equal_nan=True)
+    assert not torch.equal(sa_score(features, prob, target, mask, guide="binary"), sa_score(features, prob, target, mask))
+    with pytest.raises(ValueError, match=r"guide must be one of \('soft', 'binary'\), got 'hard'"):
+        sa_score(features, prob, target, guide="hard")

@@ -12,6 +12,13 @@ restores every module's mode, every parameter's ``requires_grad`` and ``.grad`` 
 ``torch.autograd.grad``, which never accumulates into ``.grad``), and its hooks come off even when the call raises.
 Gradients are enabled locally, so a call works under ``torch.no_grad()`` and ``torch.inference_mode()`` (inside an
 evaluator, for example).
+
+Faulty values are refused, never explained: a call checks its inputs (``(B, C, *S)``, ``B >= 1``, finite), every
+network output it computes (finite, also those of masked or perturbed inputs), every recorded layer output and raw
+layer map (finite), and the region or label (shape, binary values or class indices). A NaN patch in an image would
+otherwise spread to an empty predicted region and an all-zero map, which scores best on Image Preserved. The
+ValueError names the method, the argument and its shape. A case whose region is empty has nothing to explain: its
+maps are NaN (undefined), which the faithfulness metrics turn into NaN scores.
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ def target_region(
     activation: str | None = "softmax",
     label: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The region whose class score is explained, as a float 0/1 mask.
+    """The region whose class score is explained, as a float 0/1 mask (empty where nothing is predicted or labelled).
 
     Args:
         output: ``(B, K, *S)`` network output (logits; probabilities when ``activation`` is None).
@@ -104,10 +111,15 @@ def target_region(
             0/1).
         class_index: the explained channel of ``output``.
         activation: ``"softmax"``, ``"sigmoid"`` or None (``output`` is already a probability).
-        label: for ``region="label"``: class indices ``(B, 1, *S)``, or one-hot / multi-label ``(B, K, *S)``.
+        label: for ``region="label"``: class indices ``(B, 1, *S)`` (integers in ``[0, K)``), or one-hot /
+            multi-label ``(B, K, *S)`` (binary).
 
     Returns:
         ``(B, 1, *S)`` float mask on ``output``'s device.
+
+    Raises:
+        ValueError: ``output`` is not finite (see :func:`check_output`); the region or the label has the wrong
+            shape, a mask or one-hot label is not binary, or class indices are not integers in ``[0, K)``.
 
     Example:
         >>> logits = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]])  # (1, 2, 1, 2)
@@ -133,8 +145,10 @@ def target_region(
             raise ValueError(f"the label has shape {tuple(label.shape)}; expected (B, 1 or K, *S) with B, S as the "
                              f"output's {tuple(output.shape)}.")
         if label.shape[1] == output.shape[1]:  # one-hot or multi-label, also a single-channel binary label
+            check_binary(label, "label")
             mask = label[:, class_index:class_index + 1] > 0.5
         elif label.shape[1] == 1:
+            _check_class_indices(label, output.shape[1])
             mask = label == class_index
         else:
             raise ValueError(f"the label has {label.shape[1]} channels; expected 1 (class indices) or "
@@ -163,6 +177,10 @@ def target_score(
     Returns:
         ``(B,)``, differentiable with respect to ``output``; 0 for an empty region.
 
+    Raises:
+        ValueError: ``output`` is not finite (see :func:`check_output`), or ``region_mask`` is not a binary
+            ``(B, 1, *S)`` mask.
+
     Example:
         >>> logits = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]])
         >>> target_score(logits, torch.tensor([[[[1.0, 0.0]]]]), class_index=1)
@@ -184,16 +202,20 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each case of ``maps`` to [0, 1]; a constant map (no evidence anywhere) becomes zeros.
 
     Args:
-        maps: ``(B, ...)``.
+        maps: ``(B, ...)``, finite.
 
     Returns:
         the normalised maps, same shape and dtype.
+
+    Raises:
+        ValueError: a NaN or infinite value (it would otherwise turn its whole case into zeros).
 
     Example:
         >>> normalise(torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]]))
         tensor([[0.0000, 1.0000, 0.5000],
                 [0.0000, 0.0000, 0.0000]])
     """
+    check_finite(maps, "maps")
     flat = maps.flatten(1)
     low, high = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     span = high - low
@@ -238,6 +260,9 @@ def combine(
     Returns:
         ``(B, 1, *S)`` in [0, 1].
 
+    Raises:
+        ValueError: no layer map, a layer map that is not finite (the message names the layer), or bad weights.
+
     Example:
         >>> maps = {"up1": torch.rand(1, 1, 8, 8), "up2": torch.rand(1, 1, 16, 16)}
         >>> combine(maps, (32, 32), weights={"up1": 1.0, "up2": 3.0}).shape
@@ -245,6 +270,8 @@ def combine(
     """
     if not layer_maps:
         raise ValueError("combine needs at least one layer map.")
+    for layer, maps in layer_maps.items():
+        check_finite(maps, f"the map of layer {layer!r}")
     weights = _checked_weights(weights, list(layer_maps))
     total = sum(weights.values())
     combined = sum(weights[layer] / total * normalise(resize_to(maps, spatial_size))
@@ -257,10 +284,12 @@ class AttributionResult:
     """What a :class:`SegmentationAttribution` call returns.
 
     Attributes:
-        map: ``(B, 1, *S)`` combined attribution map in [0, 1], at the input's spatial size.
-        layer_maps: raw ``(B, 1, *s)`` map of each layer, at the layer's resolution (before resize and normalise).
+        map: ``(B, 1, *S)`` combined attribution map in [0, 1], at the input's spatial size; NaN throughout for a
+            case whose region is empty (nothing to explain: undefined).
+        layer_maps: raw ``(B, 1, *s)`` map of each layer, at the layer's resolution (before resize and normalise);
+            NaN for a case whose region is empty.
         region: ``(B, 1, *S)`` 0/1 mask of the explained region.
-        score: ``(B,)`` target score of the unmodified input.
+        score: ``(B,)`` target score of the unmodified input (0 for an empty region).
 
     Example:
         >>> result = AttributionResult(torch.zeros(1, 1, 4, 4), {}, torch.zeros(1, 1, 4, 4), torch.zeros(1))
@@ -281,7 +310,9 @@ class SegmentationAttribution:
     :attr:`uses_gradients`, even under ``torch.no_grad()`` or ``torch.inference_mode()``), fixes the region and the
     target score from that output, asks :meth:`layer_maps` for the raw maps and combines them (see :func:`combine`).
     The network is left exactly as it was: every module's training mode, every parameter's ``requires_grad`` and
-    ``.grad``, no hook left. An empty region gives a zero score and all-zero maps (no evidence), not an error.
+    ``.grad``, no hook left. A case whose region is empty gets a zero score and NaN maps (undefined: there is no
+    target to explain, and an all-zero map would score best on Image Preserved), not an error. Faulty values are
+    refused with a ValueError naming the method (see the module docstring).
 
     Args:
         network: the segmentation network, ``(B, C_in, *S) -> (B, K, *S)``.
@@ -335,33 +366,47 @@ class SegmentationAttribution:
         """Explain the network's segmentation of ``inputs``.
 
         Args:
-            inputs: ``(B, C_in, *S)`` batch.
+            inputs: ``(B, C_in, *S)`` batch, ``B >= 1``, finite.
             label: the ground truth, for ``region="label"`` (see :func:`target_region`).
             region: overrides the default region for this call.
 
         Returns:
-            the combined map, the raw layer maps, the region and the score.
+            the combined map, the raw layer maps, the region and the score; the maps of a case whose region is empty
+            are NaN.
+
+        Raises:
+            ValueError: the message starts with the method's name and names the argument and its shape: ``inputs``
+                not ``(B, C_in, *S)`` with ``B >= 1`` or not finite; a layer's output, the network output (also of a
+                masked or perturbed input) or a raw layer map not finite; a region or label of the wrong shape or
+                with bad values (see :func:`target_region`).
         """
-        inputs = convert_to_tensor(inputs, track_meta=False).detach()
-        region = self.region if region is None else region
-        grad_mode = torch.enable_grad() if self.uses_gradients else torch.no_grad()
-        with network_kept_as_is(self.network), torch.inference_mode(False), grad_mode:
-            self.network.eval()
-            if inputs.is_inference():  # made under inference_mode: autograd cannot save it; a copy can
-                inputs = inputs.clone()
-            if self.uses_gradients:
-                recorder = _GraphRecorder(self.network, self.layers)
-            else:  # a copy survives a later in-place operation of the network
-                recorder = FeatureRecorder(self.network, self.layers, clone=True)
-            with recorder:
-                output = self.network(inputs.requires_grad_(self.uses_gradients))
-                features = {layer: recorder[layer] for layer in self.layers}
-            inputs = inputs.detach()
-            region_mask = target_region(output, region, self.class_index, self.activation, label)
-            score = target_score(output.detach(), region_mask, self.class_index, self.use, self.activation)
-            layer_maps = {layer: maps.detach() for layer, maps in
-                          self.layer_maps(inputs, output, features, region_mask).items()}
-        return AttributionResult(combine(layer_maps, inputs.shape[2:], self.weights), layer_maps, region_mask, score)
+        with errors_named(type(self).__name__):
+            inputs = check_inputs(inputs)
+            region = self.region if region is None else region
+            grad_mode = torch.enable_grad() if self.uses_gradients else torch.no_grad()
+            with network_kept_as_is(self.network), torch.inference_mode(False), grad_mode:
+                self.network.eval()
+                if inputs.is_inference():  # made under inference_mode: autograd cannot save it; a copy can
+                    inputs = inputs.clone()
+                if self.uses_gradients:
+                    recorder = _GraphRecorder(self.network, self.layers)
+                else:  # a copy survives a later in-place operation of the network
+                    recorder = FeatureRecorder(self.network, self.layers, clone=True)
+                with recorder:
+                    output = self.network(inputs.requires_grad_(self.uses_gradients))
+                    features = {layer: recorder[layer] for layer in self.layers}
+                for layer, values in features.items():
+                    check_finite(values, f"the output of layer {layer!r}")
+                inputs = inputs.detach()
+                region_mask = target_region(output, region, self.class_index, self.activation, label)
+                score = target_score(output.detach(), region_mask, self.class_index, self.use, self.activation)
+                layer_maps = {layer: maps.detach() for layer, maps in
+                              self.layer_maps(inputs, output, features, region_mask).items()}
+            combined = combine(layer_maps, inputs.shape[2:], self.weights)
+        undefined = ~region_mask.flatten(1).any(1)
+        return AttributionResult(_nan_where(combined, undefined),
+                                 {layer: _nan_where(maps, undefined) for layer, maps in layer_maps.items()},
+                                 region_mask, score)
 
     def layer_maps(
         self,
@@ -449,12 +494,73 @@ def network_kept_as_is(network: nn.Module) -> Iterator[None]:
             parameter.grad = grad
 
 
+@contextmanager
+def errors_named(caller: str) -> Iterator[None]:
+    """Start the message of every ValueError raised inside with ``caller``, so that it names the method or function.
+
+    Args:
+        caller: the method's class name or the function's name.
+
+    Raises:
+        ValueError: ``f"{caller}: {message}"``, chained to the original error.
+    """
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{caller}: {error}") from error
+
+
+def check_finite(values: torch.Tensor, name: str) -> None:
+    """Refuse NaN and infinite values.
+
+    Args:
+        values: any tensor (bool and integer tensors are always finite).
+        name: what ``values`` are, for the message (the argument's name).
+
+    Raises:
+        ValueError: naming ``name``, its shape, how many values are NaN and infinite, and the index of the first.
+    """
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        nan = int(values.isnan().sum())
+        first = tuple((~finite).nonzero()[0].tolist())
+        raise ValueError(f"{name} of shape {tuple(values.shape)} holds {nan} NaN and {int((~finite).sum()) - nan} "
+                         f"infinite value(s), the first at {first}.")
+
+
+def check_inputs(inputs: torch.Tensor, name: str = "inputs") -> torch.Tensor:
+    """``inputs`` as a plain detached tensor, checked: ``(B, C, *S)`` with ``B >= 1``, 1 to 3 spatial dimensions, no
+    empty axis, finite.
+
+    Args:
+        inputs: the batch.
+        name: the argument's name, for the message.
+
+    Returns:
+        the plain tensor (a MetaTensor's data, without meta data).
+
+    Raises:
+        ValueError: naming ``name`` and its shape.
+    """
+    inputs = convert_to_tensor(inputs, track_meta=False).detach()
+    if not 3 <= inputs.ndim <= 5 or inputs.numel() == 0:
+        raise ValueError(f"{name} must be (B, C, *S) with B >= 1 and 1 to 3 non-empty spatial dimensions, got shape "
+                         f"{tuple(inputs.shape)}.")
+    check_finite(inputs, name)
+    return inputs
+
+
 def check_output(output: torch.Tensor, class_index: int, activation: str | None) -> None:
-    """Check a network output ``(B, C, *S)`` against ``class_index`` and ``activation``; ValueError naming the problem."""
+    """Check a network output ``(B, C, *S)``: its shape, finite values, ``class_index`` and ``activation``.
+
+    Raises:
+        ValueError: naming the problem (a non-finite output: its shape and how many values are NaN or infinite).
+    """
     if activation not in ACTIVATIONS:
         raise ValueError(f'activation must be "softmax", "sigmoid" or None, got {activation!r}.')
     if output.ndim < 3:
         raise ValueError(f"the output must be (B, K, *S) with 1 to 3 spatial dimensions, got {tuple(output.shape)}.")
+    check_finite(output, "the network output")
     channels = output.shape[1]
     if isinstance(class_index, bool) or not isinstance(class_index, int) or not 0 <= class_index < channels:
         hint = "; a single-channel sigmoid output is class_index=0" if channels == 1 else ""
@@ -463,13 +569,36 @@ def check_output(output: torch.Tensor, class_index: int, activation: str | None)
 
 
 def checked_mask(mask: torch.Tensor, expected: tuple[int, ...], name: str) -> torch.Tensor:
-    """``mask`` as a plain tensor of shape ``expected``; ValueError naming the argument ``name`` otherwise."""
+    """``mask`` as a plain tensor of shape ``expected`` and binary values; ValueError naming ``name`` otherwise."""
     mask = convert_to_tensor(mask, track_meta=False)
     if tuple(mask.shape) != tuple(expected):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected (B, 1, *S) = {tuple(expected)}.")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"{name} must be binary (bool or 0/1).")
+    check_binary(mask, name)
     return mask
+
+
+def check_binary(mask: torch.Tensor, name: str) -> None:
+    """Refuse a mask with a value other than 0 and 1 (NaN included); ValueError naming ``name``, its shape and one of
+    the other values."""
+    if mask.dtype != torch.bool:
+        other = ~((mask == 0) | (mask == 1))
+        if bool(other.any()):
+            raise ValueError(f"{name} must be binary (bool or 0/1); shape {tuple(mask.shape)} holds "
+                             f"{int(other.sum())} other value(s), such as {mask[other][0].item()}.")
+
+
+def _check_class_indices(label: torch.Tensor, classes: int) -> None:
+    """Refuse a ``(B, 1, *S)`` label of class indices with a value that is not an integer in ``[0, classes)``."""
+    values = label.double()
+    other = ~((values == values.round()) & (values >= 0) & (values < classes))
+    if bool(other.any()):
+        raise ValueError(f"label of shape {tuple(label.shape)} holds class indices, which must be integers in "
+                         f"[0, {classes}); {int(other.sum())} other value(s), such as {values[other][0].item()}.")
+
+
+def _nan_where(maps: torch.Tensor, undefined: torch.Tensor) -> torch.Tensor:
+    """``maps`` ``(B, ...)`` with the cases where ``undefined`` (``(B,)`` bool) is True set to NaN."""
+    return maps.masked_fill(undefined.reshape(-1, *(1,) * (maps.ndim - 1)), float("nan"))
 
 
 def _checked_weights(weights: Mapping[str, float] | None, layers: list[str]) -> dict[str, float]:

@@ -28,8 +28,9 @@ class KernelWeightedContribution(SegmentationAttribution):
     - the layer's map ``sum_k max((d_k + i_k) / 2, 0) * ReLU(A_k)``: the kernels' activations weighted by both
       contributions (a kernel whose removal raises the prediction and which alone keeps nothing weighs 0).
 
-    Both contributions are 0 when ``s_full`` is 0 (empty region: no evidence). The layers' maps are resized,
-    normalised and combined as in :class:`~monai_protoseg.attribution.SegmentationAttribution`. Kernels are emptied by
+    Both contributions are 0 when ``s_full`` is 0 (for an empty region the maps are then NaN, undefined, as for every
+    method). The layers' maps are resized, normalised and combined as in
+    :class:`~monai_protoseg.attribution.SegmentationAttribution`. Kernels are emptied by
     a forward hook that multiplies the layer's output channels by 0 or 1, never by editing weights: each forward
     pass runs ``batch_size`` copies of one case, each copy with its own kernel emptied (or kept alone), two copies per
     kernel. ``max_kernels`` keeps only each case's kernels of highest mean positive activation per layer (the others

@@ -37,10 +37,12 @@ class AttributionHandler(LayerProbeHandler):
 
     Results, after each evaluator epoch: ``engine.state.metrics[f"{name}_prediction_preserved"]``,
     ``f"{name}_image_preserved"``, ``f"{name}_deletion_auc"`` and ``f"{name}_insertion_auc"``, the means over the
-    cases (NaN ignored: an empty prediction has none), set before any other epoch-completed handler runs; with
-    ``output_dir``, ``f"{name}.csv"`` there (``case``, ``class`` and the four values per case, written atomically
-    by rank ``save_rank``). Passed in an evaluator's ``additional_metrics`` (or ``key_val_metric``), the mean
-    Prediction Preserved is also written under the metric's own name.
+    cases (NaN ignored: a case whose explained region is empty has none of the four, its map being undefined), set
+    before any other epoch-completed handler runs; with ``output_dir``, ``f"{name}.csv"`` there (``case``, ``class``
+    and the four values per case, written atomically by rank ``save_rank``). A faulty batch (a NaN in the image, a
+    non-finite network output, a bad label) is refused with a ValueError naming the method. Passed in an evaluator's
+    ``additional_metrics`` (or ``key_val_metric``), the mean Prediction Preserved is also written under the metric's
+    own name.
 
     The cost per case is the method's (for example ``n_masks`` forward passes for RISE) plus ``2 * (deletion_steps +
     1) + 3`` forward passes.

@@ -5,6 +5,7 @@ SA profile and the prediction's confidence, turned into an estimated Dice by a q
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import pathlib
@@ -20,13 +21,15 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from ..estimator import QualityEstimator, feature_names, quality_features
+from ..fingerprint import NetworkFingerprint, architecture_digest, weights_digest
 from ..inferers import ProtoSegInferer
 from ..io import atomic_write_csv, format_number
 from ..metrics import SAScoreMetric
 from ..quality import QualityCalibration
-from ..recorder import candidate_layers, forward_hooks_suspended, last_decoder_layers
+from ..recorder import candidate_layers, forward_hooks_suspended, last_decoder_layers, layer_list
 from .batch import as_batch
 from .probe import LayerProbeHandler
+from .scoring import ScoringRequest, batch_scoring
 
 __all__ = ["MeanSAQualityHandler"]
 
@@ -55,6 +58,14 @@ class MeanSAQualityHandler(LayerProbeHandler):
     ``estimated_dice`` is NaN, and the review flag compares mean SA with ``threshold``. The ``note`` column names the
     method (``estimator (<feature set>)``, ``calibration``, ``mean SA only``) and why a method was not used; the
     log says so too. A case whose SA is undefined (empty prediction) has no estimate and is flagged for review.
+
+    A calibration or estimator fitted here is saved with the network's fingerprint
+    (:class:`~monai_protoseg.fingerprint.NetworkFingerprint`: its architecture and probed layers; its weights). One
+    read back (file or object) with a fingerprint is checked: fitted for another architecture or other layers is an
+    error; fitted on other weights of this network (the best checkpoint of a training run is often from an earlier
+    epoch than the last fit) is allowed, with a warning and the note ``..., fitted on other weights``. A file without a
+    fingerprint (written by an older version) is used with a warning that it cannot be checked. A fit that fails
+    leaves an earlier file in place.
 
     CSV columns (``output_dir/filename``, written atomically once per epoch, by rank ``save_rank`` only): ``case``
     (the image file name without folder and extension, from the image's meta data), ``class``, ``mean_sa``,
@@ -96,6 +107,8 @@ class MeanSAQualityHandler(LayerProbeHandler):
             its last spatial axis, one extra forward pass per batch, for the ``tta_disagreement`` feature. The pass
             runs in eval mode with the network's forward hooks suspended, so no layer recording sees it.
         label_key: the batch key of the labels.
+        guide: ``"soft"`` (prototypes weighted by the network's probabilities) or ``"binary"`` (by its binarised
+            prediction).
 
     Attributes:
         layers: every probed layer (mean-SA layers, plus the profile layers with an estimator), set when the engine
@@ -127,9 +140,10 @@ class MeanSAQualityHandler(LayerProbeHandler):
         profile_layers: Sequence[str] | None = None,
         tta_flip: bool = False,
         label_key: str = CommonKeys.LABEL,
+        guide: str = "soft",
     ) -> None:
         super().__init__(None, network, activation, class_names, include_background, image_key, label_key,
-                         label_transform)
+                         label_transform, guide)
         if fit_calibration and not isinstance(calibration, (str, os.PathLike, type(None))):
             raise ValueError("fit_calibration=True needs calibration to be the path to save it to, or None.")
         if fit_estimator and not isinstance(estimator, (str, os.PathLike, type(None))):
@@ -149,8 +163,9 @@ class MeanSAQualityHandler(LayerProbeHandler):
         self.estimator = estimator if isinstance(estimator, QualityEstimator) else None
         self.fit_estimator = fit_estimator
         self.use_estimator = estimator is not None or fit_estimator
-        self.mean_sa_layers = None if layers is None else list(layers)
-        self.profile_layers = (None if profile_layers is None else list(profile_layers)) if self.use_estimator else []
+        self.mean_sa_layers = None if layers is None else layer_list(layers)
+        profile = None if profile_layers is None else layer_list(profile_layers, "profile_layers")
+        self.profile_layers = profile if self.use_estimator else []
         self.tta_flip = tta_flip
         self.threshold = threshold
         self.name = name
@@ -184,6 +199,8 @@ class MeanSAQualityHandler(LayerProbeHandler):
             else:
                 self.calibration = None
                 self._no_calibration = f"no calibration file at {self.calibration_path}"
+        if self.calibration is not None and not self.fit_calibration:
+            self._check_network(self.calibration, self.calibration_path, self.mean_sa_layers)
         if self.use_estimator:
             self.feature_names = feature_names(self.layers, tta=self.tta_flip)
             if not self.fit_estimator:
@@ -202,8 +219,9 @@ class MeanSAQualityHandler(LayerProbeHandler):
         self.feature_rows.reset()
         self._with_labels = None
 
-    def iteration_completed(self, engine: Engine) -> None:
-        """Score the batch that just ran against its own prediction (and its label, where there is one)."""
+    def scoring_request(self, engine: Engine) -> ScoringRequest:
+        """The layers, features and guide of the batch that just ran, scored against the network's own prediction
+        (by :class:`BatchScoring` with the other scoring handlers of the engine)."""
         label = self.reference_label(engine)
         if label is None and (self.fit_calibration or self.fit_estimator):
             option = "fit_calibration" if self.fit_calibration else "fit_estimator"
@@ -211,11 +229,21 @@ class MeanSAQualityHandler(LayerProbeHandler):
             raise ValueError(f"{type(self).__name__}({option}=True) needs labels, but found none in {source}.")
         if self._with_labels is not None and self._with_labels != (label is not None):
             raise ValueError(f"{type(self).__name__}: some batches have labels and others do not.")
-        self._with_labels = label is not None
         prob, features = self.probed_batch(engine, None if label is None else label.shape[2:])
         classes = slice(self.class_indices[0], self.class_indices[-1] + 1)  # contiguous: a view, not a copy
         prediction = self.binarised(prob)[:, classes]
-        scores = self.metric(prob[:, classes], prediction, features=features)
+        return ScoringRequest(self.layers, features, self.guide_weights(prob)[:, classes], prediction, None, True,
+                              self.share_key(),
+                              context={"label": label, "channel_prob": prob})
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Score the batch that just ran against its own prediction (and its label, where there is one)."""
+        request, scores = batch_scoring(engine).scores(engine, self)
+        label, prob = request.context["label"], request.context["channel_prob"]
+        self._with_labels = label is not None
+        classes = slice(self.class_indices[0], self.class_indices[-1] + 1)
+        prediction = request.target
+        self.metric.extend(scores)
         if label is not None:
             self.dice(prediction.float(), self.one_hot_label(label.to(prob.device), prob.shape[1])[:, classes].float())
         if self.use_estimator:  # after the features are read: the flipped pass runs the network again
@@ -274,27 +302,74 @@ class MeanSAQualityHandler(LayerProbeHandler):
                 f"{source} was fitted on the features {list(self.estimator.feature_names)}, but this handler computes "
                 f"{self.feature_names}: set tta_flip={not self.tta_flip} as when it was fitted."
             )
+        self._check_network(self.estimator, self.estimator_path, self.layers)
+
+    def _check_network(
+        self, fitted: QualityCalibration | QualityEstimator, path: pathlib.Path | None, layers: Sequence[str]
+    ) -> None:
+        """Raise if the fingerprint of ``fitted`` (read from ``path``, if any) names another network or other layers;
+        warn that a file without a fingerprint cannot be checked. Its weights are compared when it is used.
+
+        Raises:
+            ValueError: naming the file and saying it was fitted for another network.
+        """
+        kind, option = ("calibration", "fit_calibration") if isinstance(fitted, QualityCalibration) else (
+            "quality estimator", "fit_estimator")
+        if fitted.fingerprint is None:
+            if path is not None:
+                self.logger.warning(
+                    f"{type(self).__name__}: {path} has no network fingerprint (an older monai_protoseg wrote it, or "
+                    f"it was fitted outside this handler), so it cannot be checked against this network: make sure "
+                    f"the {kind} was fitted for it."
+                )
+            return
+        if fitted.fingerprint.architecture != architecture_digest(self.probed_network, layers, self.guide):
+            raise ValueError(
+                f"{path or f'the {kind} given'} was fitted for another network: the fingerprint of its architecture, "
+                f"probed layers and guide differs from that of this {type(self.probed_network).__name__} probed at "
+                f"layers {list(layers)} with guide={self.guide!r}; fit a {kind} for this network ({option}=True on its "
+                f"validation cases)."
+            )
+
+    def _other_weights(self, fitted: QualityCalibration | QualityEstimator, path: pathlib.Path | None) -> str:
+        """``", fitted on other weights"`` for the CSV note, and a warning, when the fingerprint of ``fitted`` (fitted
+        for this network, see :meth:`_check_network`) names other weights than the network has now; else ``""``."""
+        if fitted.fingerprint is None or fitted.fingerprint.weights == weights_digest(self.probed_network):
+            return ""
+        if idist.get_rank() == self.save_rank:
+            kind = "calibration" if isinstance(fitted, QualityCalibration) else "quality estimator"
+            self.logger.warning(
+                f"{type(self).__name__}: {path or f'the {kind} given'} was fitted for this network but on other "
+                f"weights (another checkpoint or epoch): its estimates may be off; refit it on the validation cases "
+                f"with these weights to be sure."
+            )
+        return ", fitted on other weights"
 
     def _estimate(self, mean_sa: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor | None, str]:
         """The estimated Dice ``(N, K)`` (``None``: mean SA only) and the note naming the method."""
         if self.estimator is not None:
             estimated = torch.from_numpy(self.estimator.predict(values.cpu())).to(mean_sa.device)
-            return estimated, f"estimator ({self.estimator.chosen})"
+            other = self._other_weights(self.estimator, self.estimator_path)
+            return estimated, f"estimator ({self.estimator.chosen}){other}"
         prefix = f"{self._no_estimator}; " if self.use_estimator else ""
         if self.calibration is not None:
-            return self.calibration.predict(mean_sa.double()), f"{prefix}calibration" if prefix else ""
+            other = self._other_weights(self.calibration, self.calibration_path)
+            return self.calibration.predict(mean_sa.double()), f"{prefix}calibration{other}" if prefix or other else ""
         return None, f"{prefix}{self._no_calibration}: mean SA only"
 
     def _fit(self, mean_sa: torch.Tensor, true_dice: torch.Tensor, metrics: dict) -> None:
-        """Fit the calibration on (mean SA, true Dice) of every case and class, save it, report its fit."""
+        """Fit the calibration on (mean SA, true Dice) of every case and class, save it with the network's fingerprint,
+        report its fit."""
         try:
-            self.calibration = QualityCalibration.fit(mean_sa.flatten(), true_dice.flatten())
+            calibration = QualityCalibration.fit(mean_sa.flatten(), true_dice.flatten())
         except ValueError as error:
             self.calibration = None
             self._no_calibration = f"calibration not fitted ({error})"
             if idist.get_rank() == self.save_rank:
-                self.logger.warning(f"{type(self).__name__}: {self._no_calibration}")
+                self.logger.warning(f"{type(self).__name__}: {self._no_calibration}{self._left(self.calibration_path)}")
             return
+        self.calibration = dataclasses.replace(
+            calibration, fingerprint=NetworkFingerprint.of(self.probed_network, self.mean_sa_layers, self.guide))
         metrics[f"{self.name}_pearson_r"] = self.calibration.pearson_r
         metrics[f"{self.name}_mae"] = self.calibration.mae
         metrics[f"{self.name}_loo_mae"] = self.calibration.loo_mae
@@ -309,14 +384,15 @@ class MeanSAQualityHandler(LayerProbeHandler):
         )
 
     def _fit_estimator(self, values: torch.Tensor, true_dice: torch.Tensor, cases: list[str], metrics: dict) -> None:
-        """Fit the estimator on the feature rows of every case and class, save it, log its CV.
+        """Fit the estimator on the feature rows of every case and class, save it with the network's fingerprint, log
+        its CV.
 
         Rows are grouped by case name, so the folds (and the fit) do not depend on the order in which the ranks'
         cases were gathered.
         """
         classes = true_dice.shape[1]
         try:
-            self.estimator = QualityEstimator.fit(
+            estimator = QualityEstimator.fit(
                 values.reshape(len(cases) * classes, -1), true_dice.flatten(), np.repeat(np.array(cases), classes),
                 feature_names=self.feature_names, layers=self.layers, mean_sa_layers=self.mean_sa_layers,
             )
@@ -324,8 +400,10 @@ class MeanSAQualityHandler(LayerProbeHandler):
             self.estimator = None
             self._no_estimator = f"estimator not fitted ({error})"
             if idist.get_rank() == self.save_rank:
-                self.logger.warning(f"{type(self).__name__}: {self._no_estimator}")
+                self.logger.warning(f"{type(self).__name__}: {self._no_estimator}{self._left(self.estimator_path)}")
             return
+        self.estimator = dataclasses.replace(
+            estimator, fingerprint=NetworkFingerprint.of(self.probed_network, self.layers, self.guide))
         chosen = self.estimator.feature_sets[self.estimator.chosen]
         metrics[f"{self.name}_estimator_cv_r"] = chosen.cv_r
         metrics[f"{self.name}_estimator_cv_mae"] = chosen.cv_mae
@@ -340,6 +418,14 @@ class MeanSAQualityHandler(LayerProbeHandler):
             f"{self.estimator.chosen!r}" + (f"; saved to {self.estimator_path}" if self.estimator_path else "")
             + f"\n{self.estimator.cv_table()}"
         )
+
+    @staticmethod
+    def _left(path: pathlib.Path | None) -> str:
+        """For the warning of a failed fit: that the file at ``path`` from an earlier fit, if any, stays as it was."""
+        if path is None or not path.exists():
+            return ""
+        return (f"; {path}, from an earlier fit, is left as it was (an inference that reads it checks its network "
+                f"fingerprint)")
 
     def _flipped_prediction(self, engine: Engine) -> torch.Tensor:
         """The binarised prediction ``(B, C, *S)`` for the batch's input flipped along its last axis, flipped back."""

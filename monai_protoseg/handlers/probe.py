@@ -13,13 +13,13 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.networks import one_hot
 from monai.utils import CommonKeys, string_list_all_gather
 from monai.utils import ImageMetaKey as Key
 from torch import nn
 
 from ..inferers import ProtoSegInferer
-from ..recorder import FeatureRecorder, resolve_layers
+from ..protoseg import GUIDES
+from ..recorder import FeatureRecorder, layer_list, resolve_layers
 from .batch import as_batch, batch_value, check_same_grid, grid_of
 from .postprocessing import (
     ACTIVATIONS,
@@ -28,6 +28,7 @@ from .postprocessing import (
     resampling_transforms,
     resolve_activation,
 )
+from .scoring import batch_scoring
 
 __all__ = ["LayerProbeHandler"]
 
@@ -61,6 +62,8 @@ class LayerProbeHandler:
         label_key: the batch key of the label, read from ``engine.state.batch`` unless ``label_transform`` is given.
         label_transform: gives the label from ``engine.state.output`` instead (after the evaluator's
             postprocessing: it must still be on the network's grid); a ``KeyError`` or ``None`` means no label.
+        guide: what weights the features into prototypes: ``"soft"``, the network's probabilities (the authors'
+            code), or ``"binary"``, its binarised prediction (argmax for softmax, ``> 0.5`` otherwise; the paper).
     """
 
     def __init__(
@@ -73,10 +76,14 @@ class LayerProbeHandler:
         image_key: str = CommonKeys.IMAGE,
         label_key: str = CommonKeys.LABEL,
         label_transform: Callable | None = None,
+        guide: str = "soft",
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
-        self.layers = None if layers is None else list(layers)
+        if guide not in GUIDES:
+            raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}.")
+        self.guide = guide
+        self.layers = None if layers is None else layer_list(layers)
         self.network = network
         self.activation = activation
         self.class_names = None if class_names is None else list(class_names)
@@ -96,6 +103,8 @@ class LayerProbeHandler:
         self._original_inferer: Inferer | None = None
         self._postprocessing: Callable | None = None
         self._activation_resolved = False
+        self.probed_network: nn.Module | None = None
+        """The network probed this run (``network``, or the engine's), set when the engine starts."""
 
     def attach(self, engine: Engine, name: str | None = None) -> None:
         """Register the handler's events on ``engine`` (a second call does nothing).
@@ -126,12 +135,17 @@ class LayerProbeHandler:
 
     def started(self, engine: Engine) -> None:
         """Register the forward hooks on the network, or wrap the engine's sliding-window inferer."""
+        if engine.has_event_handler(_raise_after_the_others, Events.EXCEPTION_RAISED):  # left by a failed run
+            engine.remove_event_handler(_raise_after_the_others, Events.EXCEPTION_RAISED)
         network = self.network if self.network is not None else getattr(engine, "network", None)
         if network is None:
             raise ValueError(f"{type(self).__name__} needs a network: pass network=... or use an engine with .network.")
         self.completed(engine)
+        self.probed_network = network
         if self.layers is None:
             self.layers = self.default_layers(network)
+        if hasattr(self, "scoring_request"):
+            batch_scoring(engine).join(self)
         self._postprocessing = evaluator_postprocessing(engine)
         self._activation_resolved = False
         inferer = getattr(engine, "inferer", None)
@@ -159,7 +173,8 @@ class LayerProbeHandler:
         raise NotImplementedError
 
     def completed(self, engine: Engine) -> None:
-        """Remove the forward hooks and put the engine's own inferer back."""
+        """Remove the forward hooks, put the engine's own inferer back, and leave the engine's batch scoring."""
+        batch_scoring(engine).leave(self)
         if self._recorder is not None:
             self._recorder.remove_hooks()
             self._recorder = None
@@ -168,11 +183,18 @@ class LayerProbeHandler:
                 engine.inferer = self._original_inferer
             self._inferer = self._original_inferer = None
 
-    def exception_raised(self, engine: Engine, error: Exception) -> None:
-        """Remove the hooks; re-raise unless another exception handler follows (ignite's rule otherwise)."""
+    def exception_raised(self, engine: Engine, error: BaseException) -> None:
+        """Remove the hooks and make sure the run fails with ``error``.
+
+        Ignite raises nothing itself once any exception handler is registered. This handler runs first (the hooks
+        are removed whatever the others do) and schedules :func:`_raise_after_the_others` last, so the other
+        exception handlers (``StatsHandler``'s log, ``CheckpointSaver``'s final save) still run, and the exception,
+        ``KeyboardInterrupt`` included, reaches the caller of ``engine.run()``. No epoch-completed handler runs, so
+        no file is written from part of an epoch.
+        """
         self.completed(engine)
-        if len(engine._event_handlers[Events.EXCEPTION_RAISED]) == 1:
-            raise error
+        if not engine.has_event_handler(_raise_after_the_others, Events.EXCEPTION_RAISED):
+            engine.add_event_handler(Events.EXCEPTION_RAISED, _raise_after_the_others)
 
     def reference_label(self, engine: Engine) -> torch.Tensor | None:
         """The label of the batch that just ran, on the network's grid.
@@ -324,18 +346,47 @@ class LayerProbeHandler:
         """The network's own prediction of every channel of ``prob``: argmax for softmax, ``> 0.5`` otherwise."""
         if self.output_activation == "softmax":  # max().indices: the first maximum, as argmax, many times faster
             index = prob.max(1, keepdim=True).indices
-            return torch.zeros(prob.shape, dtype=torch.bool, device=prob.device).scatter_(1, index, True)
+            channels = torch.arange(prob.shape[1], device=prob.device)
+            return index == channels.view(1, -1, *(1,) * (prob.ndim - 2))
         return prob > 0.5
 
+    def share_key(self, mask_key: str | None = None) -> tuple:
+        """What makes two handlers' maps of a batch the same: the network, activation, guide, classes and mask (see
+        :class:`~monai_protoseg.handlers.scoring.ScoringRequest`)."""
+        return id(self.probed_network), self.output_activation, self.guide, tuple(self.class_indices), mask_key
+
+    def guide_weights(self, prob: torch.Tensor) -> torch.Tensor:
+        """What guides the prototypes of every channel of ``prob``: ``prob`` itself, or with ``guide="binary"``
+        the binarised prediction (:meth:`binarised`) as 0/1 floats."""
+        return prob if self.guide == "soft" else self.binarised(prob).to(prob.dtype)
+
     def one_hot_label(self, label: torch.Tensor, channels: int) -> torch.Tensor:
-        """A ``(B, 1, *S)`` class-index or ``(B, K, *S)`` one-hot / multi-label ``label`` as a ``(B, K, *S)`` mask."""
+        """A ``(B, 1, *S)`` class-index or ``(B, K, *S)`` one-hot / multi-label ``label`` as a bool ``(B, K, *S)`` mask.
+
+        Raises:
+            ValueError: the channel count fits neither form, a one-hot label is not binary, or a class index is not
+                a whole number in ``[0, channels)``; the message names the label key and the values found.
+        """
+        label = label.as_subclass(torch.Tensor)
+        where = f"the label ({self.label_key!r})" if self.label_transform is None else f"the label of {self.label_option}"
         if label.shape[1] == channels:
-            return label.bool() if label.dtype == torch.bool else label > 0.5
+            if label.dtype != torch.bool and not ((label == 0) | (label == 1)).all():
+                raise ValueError(
+                    f"{type(self).__name__}: {where} has {channels} channel(s) like the network output, so it must be "
+                    f"binary (0/1) per channel; found values {_some_values(label)}."
+                )
+            return label.bool()
         if label.shape[1] == 1:
-            return one_hot(label.long(), channels).bool()
+            if label.dtype != torch.bool and not ((label >= 0) & (label < channels) & (label == label.round())).all():
+                raise ValueError(
+                    f"{type(self).__name__}: {where} holds class indices (one channel), which must be whole numbers "
+                    f"in [0, {channels}) for a {channels}-channel output; found values {_some_values(label)}."
+                )
+            index = label.long()
+            return index == torch.arange(channels, device=label.device).view(1, -1, *(1,) * (label.ndim - 2))
         raise ValueError(
-            f"the label has {label.shape[1]} channels; expected 1 (class indices) or {channels} "
-            f"(one-hot or multi-label, like the network output)."
+            f"{type(self).__name__}: {where} has {label.shape[1]} channels; expected 1 (class indices) or "
+            f"{channels} (one-hot or multi-label, like the network output)."
         )
 
     def class_labels(self) -> list[str]:
@@ -363,10 +414,25 @@ def second_item(output_transform: Callable) -> Callable:
     return label_transform
 
 
+def _some_values(values: torch.Tensor, count: int = 6) -> str:
+    """Up to ``count`` of the distinct values of ``values``, for a message."""
+    values = values.detach().flatten().cpu()
+    nan = values.isnan()
+    distinct = [f"{value:.7g}" for value in torch.unique(values[~nan]).tolist()] + (["nan"] if nan.any() else [])
+    return f"{{{', '.join(distinct[:count])}{', ...' if len(distinct) > count else ''}}}"
+
+
 def _case_name(filename: str | os.PathLike) -> str:
     """``/data/imagesTr/BRATS_001.nii.gz`` -> ``BRATS_001``."""
     name = pathlib.Path(filename).name.removesuffix(".gz")
     return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _raise_after_the_others(engine: Engine, error: BaseException) -> None:
+    """The last exception handler of a failed run (added by :meth:`LayerProbeHandler.exception_raised`): raise the
+    run's exception, which ignite would otherwise swallow."""
+    engine.remove_event_handler(_raise_after_the_others, Events.EXCEPTION_RAISED)
+    raise error
 
 
 def _add_first(engine: Engine, event: Events, handler: Callable) -> None:

@@ -66,6 +66,8 @@ class PrototypeMapHandler(LayerProbeHandler):
         name: the folder of the snapshots and the prefix of the TensorBoard tags.
         save_rank: the distributed rank that keeps, writes and logs the snapshots.
         label_key: the batch key of the label.
+        guide: ``"soft"`` (prototypes weighted by the network's probabilities) or ``"binary"`` (by its binarised
+            prediction).
     """
 
     def __init__(
@@ -85,12 +87,13 @@ class PrototypeMapHandler(LayerProbeHandler):
         name: str = "prototype_maps",
         save_rank: int = 0,
         label_key: str = CommonKeys.LABEL,
+        guide: str = "soft",
     ) -> None:
         if num_cases < 1:
             raise ValueError(f"num_cases must be at least 1, got {num_cases}.")
         label_transform = None if output_transform is None else second_item(output_transform)
         super().__init__(layers, network, activation, class_names, include_background, image_key, label_key,
-                         label_transform)
+                         label_transform, guide)
         self.label_option = "output_transform"
         self.num_cases = num_cases
         self.slice_index = slice_index
@@ -120,9 +123,10 @@ class PrototypeMapHandler(LayerProbeHandler):
         count = min(self.num_cases - self._kept_cases, prob.shape[0])
         cases = self._cases[-prob.shape[0]:][:count]
         prediction = self.binarised(prob[:count])
+        guide = self.guide_weights(prob[:count])
         label = None if label is None else self.one_hot_label(label[:count].to(prob.device), prob.shape[1])
         maps = {  # (count, 1, *S) per class and layer
-            k: {layer: prototype_map(features[layer][:count], prob[:count, k:k + 1]) for layer in self.layers}
+            k: {layer: prototype_map(features[layer][:count], guide[:count, k:k + 1]) for layer in self.layers}
             for k in self.class_indices
         }
         for b, case in enumerate(cases):

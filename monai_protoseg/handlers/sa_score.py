@@ -14,8 +14,10 @@ from torch import nn
 
 from ..io import atomic_write_csv, format_number
 from ..metrics import SAScoreMetric
+from ..protoseg import sa_scores
 from ..recorder import candidate_layers
 from .probe import LayerProbeHandler, second_item
+from .scoring import ScoringRequest, batch_scoring
 
 __all__ = ["SAScoreHandler"]
 
@@ -65,6 +67,8 @@ class SAScoreHandler(LayerProbeHandler):
         image_key: the batch key of the network's input, whose meta data names the cases in those files.
         save_rank: the distributed rank that writes the files.
         label_key: the batch key of the label.
+        guide: ``"soft"`` (prototypes weighted by the network's probabilities) or ``"binary"`` (by its binarised
+            prediction).
     """
 
     def __init__(
@@ -85,12 +89,13 @@ class SAScoreHandler(LayerProbeHandler):
         image_key: str = CommonKeys.IMAGE,
         save_rank: int = 0,
         label_key: str = CommonKeys.LABEL,
+        guide: str = "soft",
     ) -> None:
         if reference not in ("label", "pred"):
             raise ValueError(f"reference must be 'label' or 'pred', got {reference!r}.")
         label_transform = None if output_transform is None else second_item(output_transform)
         super().__init__(layers, network, activation, class_names, include_background, image_key, label_key,
-                         label_transform)
+                         label_transform, guide)
         self.label_option = "output_transform"
         self.output_transform = output_transform
         self.unit_wise = unit_wise
@@ -119,8 +124,9 @@ class SAScoreHandler(LayerProbeHandler):
         super().epoch_started(engine)
         self.metric.reset()
 
-    def iteration_completed(self, engine: Engine) -> None:
-        """Score the batch that just ran."""
+    def scoring_request(self, engine: Engine) -> ScoringRequest:
+        """The layers, features, guide and reference of the batch that just ran (scored by :class:`BatchScoring`
+        with the other scoring handlers of the engine)."""
         label = self.reference_label(engine)
         if label is None and self.reference == "label":
             source = "output_transform" if self.output_transform is not None else f"engine.state.batch[{self.label_key!r}]"
@@ -135,8 +141,19 @@ class SAScoreHandler(LayerProbeHandler):
         else:
             target = self.one_hot_label(label.to(prob.device), prob.shape[1])
         mask = None if self.mask_key is None else self.batch_mask(engine, self.mask_key).to(prob.device)
-        self.metric(prob[:, classes], target[:, classes], features=features, mask=mask)
-        self.record_case_names(engine, prob.shape[0])
+        return ScoringRequest(self.layers, features, self.guide_weights(prob)[:, classes], target[:, classes], mask,
+                              self.ignore_empty, self.share_key(self.mask_key))
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Score the batch that just ran."""
+        request, scores = batch_scoring(engine).scores(engine, self)
+        units = []
+        if self.unit_wise:
+            units = list(sa_scores({layer: request.features[layer] for layer in self.layers}, request.prob,
+                                   request.target, request.mask, unit_wise=True,
+                                   ignore_empty=self.ignore_empty).values())
+        self.metric.extend(scores, *units)
+        self.record_case_names(engine, scores.shape[0])
 
     def epoch_completed(self, engine: Engine) -> None:
         """Write the epoch's results to ``engine.state``."""

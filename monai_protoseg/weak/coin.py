@@ -36,6 +36,7 @@ from monai.networks.nets import BasicUNet
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..attribution.base import check_inputs, errors_named
 from .masks import clean_mask, threshold_maps
 
 __all__ = ["CoinGenerator", "CoinLoss", "CoinTrainer", "counterfactual_mask", "latest_checkpoint", "total_variation"]
@@ -213,6 +214,7 @@ class CoinTrainer(Trainer):
             keys = list(batchdata) if isinstance(batchdata, dict) else type(batchdata).__name__
             raise ValueError(f"a COIN batch must be a dict with {self.image_key!r} and {self.label_key!r}, got {keys}.")
         images = batchdata[self.image_key].to(engine.state.device).as_subclass(torch.Tensor).float()
+        check_inputs(images, f"CoinTrainer: the batch's {self.image_key!r}")  # NaN would spread to every weight
         labels = torch.as_tensor(batchdata[self.label_key]).to(engine.state.device).long().reshape(-1)
         normal = torch.full_like(labels, self.normal_class)
         self.generator.train()
@@ -287,8 +289,8 @@ def counterfactual_mask(
     """COIN's lesion mask: ``|X - X_cf|`` (summed over channels) thresholded, opened, closed, largest component kept.
 
     Args:
-        images: ``(B, C, *S)`` the images.
-        counterfactuals: ``(B, C, *S)`` their counterfactuals.
+        images: ``(B, C, *S)`` the images, ``B >= 1``, finite.
+        counterfactuals: ``(B, C, *S)`` their counterfactuals, finite.
         threshold: a fixed threshold on the absolute difference (image intensity units), or ``"otsu"`` per case.
         open_size: edge of the opening's structuring element (1: no opening).
         close_size: edge of the closing's structuring element (1: no closing).
@@ -296,6 +298,10 @@ def counterfactual_mask(
 
     Returns:
         ``(B, 1, *S)`` bool.
+
+    Raises:
+        ValueError: shapes that differ, ``images`` or ``counterfactuals`` not finite (a NaN difference is never
+            above the threshold: it would vanish into the background), or bad cleaning arguments.
 
     Example:
         >>> images = torch.zeros(1, 1, 16, 16)
@@ -307,6 +313,9 @@ def counterfactual_mask(
     if images.shape != counterfactuals.shape:
         raise ValueError(f"images {tuple(images.shape)} and counterfactuals {tuple(counterfactuals.shape)} must have "
                          f"the same shape.")
+    with errors_named("counterfactual_mask"):
+        check_inputs(images, "images")
+        check_inputs(counterfactuals, "counterfactuals")
     difference = (images - counterfactuals).abs().sum(dim=1, keepdim=True)
     return clean_mask(threshold_maps(difference, threshold), open_size, close_size, largest_component)
 

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..attribution.base import check_finite, check_inputs, errors_named
 from .heatmaps import HEATMAP_METHODS, classifier_heatmaps
-from .masks import clean_mask, threshold_maps
+from .masks import _as_mask, clean_mask, threshold_maps
 
 __all__ = [
     "METHOD_TITLES",
@@ -84,7 +85,7 @@ def method_maps(
 
     Args:
         method: ``"coin"`` or a heatmap method (``"gradcam"``, ``"layercam"``, ``"scorecam"``, ``"rise"``).
-        images: ``(B, C, *S)``.
+        images: ``(B, C, *S)``, ``B >= 1``, finite.
         classifier: the image classifier ``(B, C, *S) -> (B, K)`` the heatmaps explain.
         generator: COIN's generator ``(images, target_class) -> counterfactuals`` (for ``"coin"``).
         layers: the classifier layers a heatmap method explains (not for COIN and RISE).
@@ -95,6 +96,11 @@ def method_maps(
 
     Returns:
         ``(B, 1, *S)`` maps.
+
+    Raises:
+        ValueError: an unknown method, no generator for COIN, ``images`` not ``(B, C, *S)`` with ``B >= 1`` or not
+            finite, counterfactuals not finite (the message names the method and the shape), or an error of the
+            heatmap method.
 
     Example:
         >>> from monai_protoseg.weak import CoinGenerator
@@ -107,11 +113,14 @@ def method_maps(
         raise ValueError(f"method must be 'coin' or one of {sorted(HEATMAP_METHODS)}, got {method!r}.")
     if method == "coin" and generator is None:
         raise ValueError("method 'coin' needs the trained generator.")
+    with errors_named(f"method_maps({method!r})"):
+        check_inputs(images, "images")
     maps = []
     for first in range(0, len(images), batch_size):
         batch = images[first:first + batch_size]
         if method == "coin":
-            maps.append(_difference_maps(generator, batch, normal_class))
+            with errors_named("method_maps('coin')"):
+                maps.append(_difference_maps(generator, batch, normal_class))
         else:
             maps.append(classifier_heatmaps(classifier, batch, method, layers, abnormal_class, **options))
     return torch.cat(maps)
@@ -153,12 +162,15 @@ def maps_to_masks(
 
 @torch.no_grad()
 def _difference_maps(generator: nn.Module, images: torch.Tensor, normal_class: int) -> torch.Tensor:
-    """``|X - G(X, normal)|`` summed over channels, in eval mode (the generator's mode restored)."""
+    """``|X - G(X, normal)|`` summed over channels, in eval mode (the generator's mode restored); ValueError when the
+    counterfactuals are not finite."""
     training = generator.training
     generator.eval()
     try:
         target = torch.full((images.shape[0],), normal_class, dtype=torch.long, device=images.device)
-        return (images - generator(images, target)).abs().sum(1, keepdim=True)
+        counterfactuals = generator(images, target)
+        check_finite(counterfactuals, "the generator's counterfactuals")
+        return (images - counterfactuals).abs().sum(1, keepdim=True)
     finally:
         generator.train(training)
 
@@ -167,21 +179,26 @@ def per_case_scores(masks: torch.Tensor, truths: torch.Tensor) -> dict[str, torc
     """Per-case overlap of predicted and true masks.
 
     Args:
-        masks: ``(B, 1, *S)`` predicted, bool or 0/1.
+        masks: ``(B, 1, *S)`` predicted, bool or 0/1, 1 to 3 spatial dims.
         truths: ``(B, 1, *S)`` true, bool or 0/1.
 
     Returns:
         ``{"intersection", "union", "predicted", "true"}`` voxel counts and ``"dice"`` (NaN where both are empty),
         each ``(B,)``.
 
+    Raises:
+        ValueError: shapes that differ or are not ``(B, 1, *S)``, or a value other than 0 and 1 (NaN included: it
+            would count as foreground).
+
     Example:
         >>> masks = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]]])
         >>> per_case_scores(masks, torch.tensor([[[0, 1, 1, 0]], [[0, 0, 0, 0]]]))["dice"]
         tensor([0.5000,    nan], dtype=torch.float64)
     """
-    if masks.shape != truths.shape or masks.ndim < 3 or masks.shape[1] != 1:
-        raise ValueError(f"masks {tuple(masks.shape)} and truths {tuple(truths.shape)} must both be (B, 1, *S).")
-    masks, truths = masks.bool().flatten(1), truths.bool().flatten(1)
+    with errors_named("per_case_scores"):
+        if masks.shape != truths.shape or masks.ndim < 3 or masks.shape[1] != 1:
+            raise ValueError(f"masks {tuple(masks.shape)} and truths {tuple(truths.shape)} must both be (B, 1, *S).")
+        masks, truths = _as_mask(masks, "masks").flatten(1), _as_mask(truths, "truths").flatten(1)
     counts = {
         "intersection": (masks & truths).sum(1),
         "union": (masks | truths).sum(1),
@@ -203,6 +220,9 @@ def segmentation_scores(masks: torch.Tensor, truths: torch.Tensor) -> dict[str, 
     Returns:
         ``{"iou", "dice", "normal_false_positive", "lesion_cases", "normal_cases"}``; a score with no case to
         average is NaN.
+
+    Raises:
+        ValueError: as :func:`per_case_scores`.
 
     Example:
         >>> masks = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 1]]])

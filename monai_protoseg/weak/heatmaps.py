@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..attribution import RISE, GradCAM, LayerCAM, ScoreCAM, SegmentationAttribution
+from ..attribution.base import check_finite, check_inputs, errors_named
 
 __all__ = ["HEATMAP_METHODS", "ClassScoreMap", "classifier_heatmaps", "heatmap_filtered"]
 
@@ -66,7 +67,7 @@ def classifier_heatmaps(
 
     Args:
         classifier: ``(B, C, *S) -> (B, K)`` logits (softmax over the classes).
-        images: ``(B, C, *S)``.
+        images: ``(B, C, *S)``, ``B >= 1``, finite.
         method: ``"gradcam"``, ``"layercam"``, ``"scorecam"`` or ``"rise"``.
         layers: the classifier's layers to explain (names in ``classifier.named_modules()``), required by every
             method but RISE; several layers are combined with equal weights.
@@ -75,6 +76,11 @@ def classifier_heatmaps(
 
     Returns:
         ``(B, 1, *S)`` heatmaps in [0, 1].
+
+    Raises:
+        ValueError: an unknown method, no layers for a method that needs them, ``images`` not ``(B, C, *S)`` with
+            ``B >= 1`` or not finite (the message names the method and the shape), or an error of the method (see
+            :class:`~monai_protoseg.attribution.SegmentationAttribution`).
 
     Example:
         >>> from monai.networks.nets import ResNet
@@ -85,6 +91,8 @@ def classifier_heatmaps(
     """
     if method not in HEATMAP_METHODS:
         raise ValueError(f"method must be one of {sorted(HEATMAP_METHODS)}, got {method!r}.")
+    with errors_named(f"classifier_heatmaps({method!r})"):
+        images = check_inputs(images, "images")
     spatial_dims = images.ndim - 2
     wrapped = ClassScoreMap(classifier, spatial_dims)
     region = torch.ones(images.shape[0], 1, *(1,) * spatial_dims, device=images.device)
@@ -103,18 +111,28 @@ def heatmap_filtered(images: torch.Tensor, heatmaps: torch.Tensor, keep: bool = 
     """Images filtered by their heatmaps (seed 003's faithfulness check): ``X * H``, or ``X * (1 - H)``.
 
     Args:
-        images: ``(B, C, *S)``.
+        images: ``(B, C, *S)``, ``B >= 1``, finite.
         heatmaps: ``(B, 1, *S)`` in [0, 1].
         keep: True keeps what the heatmap highlights; False keeps the rest (its "dark regions").
 
     Returns:
         ``(B, C, *S)``.
 
+    Raises:
+        ValueError: ``images`` not finite, ``heatmaps`` of another shape, not finite or out of [0, 1] (a NaN
+            heatmap would make a NaN training image).
+
     Example:
         >>> heatmap_filtered(torch.ones(1, 1, 2), torch.tensor([[[0.25, 1.0]]]), keep=False)
         tensor([[[0.7500, 0.0000]]])
     """
-    if heatmaps.shape[0] != images.shape[0] or heatmaps.shape[1] != 1 or heatmaps.shape[2:] != images.shape[2:]:
-        raise ValueError(f"heatmaps of shape {tuple(heatmaps.shape)} do not fit images of shape "
-                         f"{tuple(images.shape)}; expected (B, 1, *S).")
+    with errors_named("heatmap_filtered"):
+        check_inputs(images, "images")
+        if heatmaps.shape[0] != images.shape[0] or heatmaps.shape[1] != 1 or heatmaps.shape[2:] != images.shape[2:]:
+            raise ValueError(f"heatmaps of shape {tuple(heatmaps.shape)} do not fit images of shape "
+                             f"{tuple(images.shape)}; expected (B, 1, *S).")
+        check_finite(heatmaps, "heatmaps")
+        if not bool(((heatmaps >= 0) & (heatmaps <= 1)).all()):
+            raise ValueError(f"heatmaps of shape {tuple(heatmaps.shape)} must be in [0, 1], got values from "
+                             f"{heatmaps.min().item()} to {heatmaps.max().item()}.")
     return images * (heatmaps if keep else 1 - heatmaps)

@@ -27,6 +27,8 @@ import numbers
 
 import torch
 
+from ..attribution.base import check_finite
+
 __all__ = ["otsu_threshold", "threshold_maps", "opening", "closing", "largest_connected_component", "clean_mask"]
 
 
@@ -48,8 +50,12 @@ def _as_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     _check_batch(mask, name)
     if mask.dtype == torch.bool:
         return mask
-    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype} with other values.")
+    if mask.is_complex():
+        raise ValueError(f"{name} must be bool or hold only 0 and 1, got complex dtype {mask.dtype}.")
+    other = ~((mask == 0) | (mask == 1))
+    if bool(other.any()):
+        raise ValueError(f"{name} must be bool or hold only 0 and 1; shape {tuple(mask.shape)}, dtype {mask.dtype} "
+                         f"holds {int(other.sum())} other value(s), such as {mask[other][0].item()}.")
     return mask != 0
 
 
@@ -117,12 +123,16 @@ def threshold_maps(maps: torch.Tensor, threshold: str | float = "otsu") -> torch
     """Binary masks ``maps > threshold``, with Otsu's threshold per case or one fixed threshold.
 
     Args:
-        maps: ``(B, 1, *S)`` maps, 1 to 3 spatial dims (heatmaps are usually in [0, 1]).
+        maps: ``(B, 1, *S)`` maps, 1 to 3 spatial dims, finite (heatmaps are usually in [0, 1]).
         threshold: ``"otsu"`` (:func:`otsu_threshold` of each case; a constant case gives an empty mask) or a
             number, the same for every case.
 
     Returns:
         ``(B, 1, *S)`` bool mask, foreground where the value is strictly above the threshold.
+
+    Raises:
+        ValueError: ``maps`` of another shape or not finite (NaN is never above a threshold: it would vanish into the
+            background), or a bad threshold.
 
     Example:
         >>> maps = torch.tensor([[[0.1, 0.7, 0.9, 0.2]]])
@@ -132,6 +142,7 @@ def threshold_maps(maps: torch.Tensor, threshold: str | float = "otsu") -> torch
         [[[False, True, True, False]]]
     """
     _check_batch(maps, "maps")
+    check_finite(maps, "maps")
     if isinstance(threshold, str):
         if threshold != "otsu":
             raise ValueError(f"threshold must be 'otsu' or a number, got {threshold!r}.")

@@ -21,6 +21,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from ..attribution import normalise, plot_attribution_maps
+from ..checks import check_datalist
 from ..io import atomic_write_csv
 from ..report import save_figure
 from .evaluation import (
@@ -57,16 +58,21 @@ def read_weak_dataset(root: str | os.PathLike) -> dict[str, torch.Tensor]:
         names (a list).
 
     Raises:
-        FileNotFoundError: no ``dataset.json``. ValueError: a case's image and mask differ in shape, or the cases
-            differ in shape (the message names the files).
+        FileNotFoundError: no ``dataset.json``. ValueError: no case, a listed file is missing or empty, an image
+            is not finite, a case's image and mask differ in shape, or the cases differ in shape (the message names
+            the files).
     """
     root = pathlib.Path(root)
     if not (root / "dataset.json").is_file():
         raise FileNotFoundError(f"no dataset.json in {root} (write_weak_dataset writes it).")
     load = LoadImage(image_only=True, ensure_channel_first=True)
     images, masks, labels, names = [], [], [], []
-    for entry in load_decathlon_datalist(str(root / "dataset.json"), data_list_key="training", base_dir=str(root)):
+    listing = str(root / "dataset.json")
+    entries = load_decathlon_datalist(listing, data_list_key="training", base_dir=str(root))
+    for entry in check_datalist(entries, ("image", "mask"), listing):
         image, mask = load(entry["image"]), load(entry["mask"])
+        if not torch.isfinite(image).all():
+            raise ValueError(f"{entry['image']} holds NaN or infinite values.")
         if image.shape != mask.shape or (images and image.shape != images[0].shape):
             raise ValueError(f"{entry['image']} {tuple(image.shape)} and {entry['mask']} {tuple(mask.shape)} must "
                              f"share one shape with every case (first case: "

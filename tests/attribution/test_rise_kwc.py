@@ -158,10 +158,10 @@ def test_kwc_matches_one_forward_pass_per_kernel(max_kernels, batch_size):
     assert result.map.shape == (2, 1, 32, 32)
 
 
-def test_kwc_of_an_empty_region_is_all_zero():
+def test_kwc_of_an_empty_region_is_undefined():
     network, images = make_network(), make_images()
     result = KernelWeightedContribution(network, layers=LAYERS, max_kernels=2)(images, region=torch.zeros(2, 1, 32, 32))
-    assert (result.map == 0).all() and all((maps == 0).all() for maps in result.layer_maps.values())
+    assert result.map.isnan().all() and all(maps.isnan().all() for maps in result.layer_maps.values())
 
 
 def network_state(network):

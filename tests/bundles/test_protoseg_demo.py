@@ -187,13 +187,13 @@ def snapshot(folder: pathlib.Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind, folder, message", [
-    ("missing", "imagesTr", "cannot read image file {path}: "),
+    ("missing", "imagesTr", "files do not exist: {path}."),  # found when evaluate lists the cases
     ("truncated", "labelsTr", "cannot read image file {path}: "),
     ("shape", "labelsTr", "the 'label' image {path} has spatial shape"),
 ])
 def test_bad_validation_data_stops_evaluate_naming_the_file(trained, tmp_path, kind, folder, message):
-    """Evaluate caches the validation cases before it runs: a bad case stops it before anything is written, and
-    every file of the earlier run is left as it was."""
+    """Evaluate lists, then caches the validation cases before it runs: a bad case stops it before anything is
+    written, and every file of the earlier run is left as it was."""
     copy = tmp_path / "run"
     shutil.copytree(trained[0], copy)
     before = snapshot(copy)

@@ -488,3 +488,45 @@ def test_sliding_window_with_tta_matches_whole_image_and_restores_the_inferer(tm
     simple, window = read_rows(tmp_path / "simple" / "quality.csv"), read_rows(tmp_path / "window" / "quality.csv")
     for name in ("tta_disagreement", "mean_sa", "fg_prob", "volume"):
         assert [float(row[name]) for row in window] == pytest.approx([float(row[name]) for row in simple], abs=1e-4)
+
+
+def test_sa_and_quality_handlers_build_each_layer_map_once_per_batch(tmp_path, monkeypatch):
+    import monai_protoseg.protoseg as protoseg
+
+    network, batches = make_network(), named_batches(count=2)
+    alone_sa = SAScoreHandler(LAYERS)
+    SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, network=network,
+                        val_handlers=[alone_sa]).run()
+    alone_scores = alone_sa.metric.layer_scores().clone()
+    evaluate(network, batches, output_dir=tmp_path / "alone")
+    calls = []
+    original = protoseg._prototypes
+    monkeypatch.setattr(protoseg, "_prototypes", lambda *args: calls.append(1) or original(*args))
+    sa, quality = SAScoreHandler(LAYERS), MeanSAQualityHandler(QUALITY_LAYERS, output_dir=tmp_path / "together")
+    SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, network=network,
+                        val_handlers=[sa, quality]).run()
+    assert len(calls) == len(batches) * len(LAYERS)  # QUALITY_LAYERS are among LAYERS: one map each
+    torch.testing.assert_close(sa.metric.layer_scores(), alone_scores, equal_nan=True)
+    assert read_rows(tmp_path / "together" / "quality.csv") == read_rows(tmp_path / "alone" / "quality.csv")
+
+
+def test_handlers_with_other_guides_are_scored_apart(tmp_path):
+    """A mask changes the prototypes: the SA handler's maps with a mask are not the quality handler's."""
+    network, batches = make_network(), named_batches(count=2)
+    for batch in batches:
+        batch["mask"] = torch.zeros_like(batch["label"])
+        batch["mask"][..., 2:14, 2:14] = 1
+    expected = expected_rows(network, batches)
+    sa, quality = SAScoreHandler(LAYERS, mask_key="mask"), MeanSAQualityHandler(QUALITY_LAYERS, output_dir=tmp_path)
+    SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, network=network,
+                        val_handlers=[sa, quality], decollate=False).run()
+    for row, want in zip(read_rows(tmp_path / "quality.csv"), expected):
+        assert float(row["mean_sa"]) == pytest.approx(want["mean_sa"], abs=1e-5)
+    for n, batch in enumerate(batches):
+        with torch.no_grad(), FeatureRecorder(network, LAYERS) as recorder:
+            prob = torch.sigmoid(network(batch["image"].as_tensor()))
+        for i, layer in enumerate(LAYERS):
+            naive = naive_sa_score(recorder[layer].double(), prob.double(), batch["label"] > 0.5,
+                                   batch["mask"].bool())
+            torch.testing.assert_close(sa.metric.layer_scores()[2 * n:2 * n + 2, i, 0], naive.float(), atol=1e-5,
+                                       rtol=0, equal_nan=True)

@@ -52,8 +52,9 @@ def hook_count(network: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in network.modules())
 
 
-def expected_scores(network, batches, activation, classes, reference="label"):
-    """Independent computation: record features directly, score every image with the naive formulation."""
+def expected_scores(network, batches, activation, classes, reference="label", guide="soft"):
+    """Independent computation: record features directly, score every image with the naive formulation; with
+    ``guide="binary"`` the prototypes are weighted by the binarised prediction (argmax for softmax)."""
     per_layer = {layer: [] for layer in LAYERS}
     for batch in batches:
         with torch.no_grad(), FeatureRecorder(network, LAYERS) as recorder:
@@ -68,7 +69,9 @@ def expected_scores(network, batches, activation, classes, reference="label"):
                     target = batch["label"] > 0.5
                 else:
                     target = batch["label"] == k
-                rows.append(naive_sa_score(recorder[layer].double(), prob[:, k:k + 1].double(), target))
+                own = (prob.argmax(1, keepdim=True) == k) if activation == "softmax" else prob[:, k:k + 1] > 0.5
+                weights = prob[:, k:k + 1] if guide == "soft" else own
+                rows.append(naive_sa_score(recorder[layer].double(), weights.double(), target))
             per_layer[layer].append(torch.stack(rows, 1))
     return {layer: torch.cat(rows) for layer, rows in per_layer.items()}  # (N, K)
 
@@ -105,6 +108,23 @@ def test_softmax_multi_class_against_prediction_with_names():
         assert engine.state.metric_details[f"sa_{layer}"].shape == (6, 2)
     assert {layer: tuple(scores.shape) for layer, scores in handler.unit_scores.items()} == {
         "model.0": (2, 4), "model.1.submodule.2": (2, 4), "model.2": (2, 3)}
+
+
+@pytest.mark.parametrize("activation, classes", [("sigmoid", [0]), ("softmax", [1, 2])])
+def test_binary_guide_weights_the_prototypes_by_the_binarised_prediction(activation, classes):
+    network = make_network(out_channels=len(classes) + (activation == "softmax"))
+    batches = make_batches(classes=3 if activation == "softmax" else 1)
+    engine = bare_engine(network)
+    SAScoreHandler(LAYERS, network=network, activation=activation, guide="binary").attach(engine)
+    engine.run(batches)
+    binary = expected_scores(network, batches, activation, classes, guide="binary")
+    soft = expected_scores(network, batches, activation, classes)
+    for layer in LAYERS:
+        torch.testing.assert_close(engine.state.metric_details[f"sa_{layer}"].double(), binary[layer], atol=1e-5,
+                                   rtol=0, equal_nan=True)
+    assert any(not torch.allclose(binary[layer], soft[layer], equal_nan=True) for layer in LAYERS)
+    with pytest.raises(ValueError, match="guide must be one of"):
+        SAScoreHandler(LAYERS, guide="hard")
 
 
 def test_multi_label_sigmoid_with_background_channel_scored():

@@ -1,0 +1,122 @@
+"""One SA pass per batch for all the scoring handlers of an engine.
+
+``SAScoreHandler`` scores the layers against the label and ``MeanSAQualityHandler`` against the network's own
+prediction, but both guide the prototypes with the same soft output: their binary maps are the same. The handlers of
+one engine therefore hand their requests to the engine's :class:`BatchScoring`, which builds each layer's map once
+and counts it against every handler's reference (:func:`~monai_protoseg.sa_scores` with several targets). Handlers
+whose maps differ (another activation, other classes, a mask) are scored apart; nothing is shared across batches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from ignite.engine import Engine
+
+from ..protoseg import sa_scores
+
+__all__ = ["ScoringRequest", "BatchScoring", "batch_scoring"]
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """What one handler scores on the batch that just ran.
+
+    Attributes:
+        layers: the layers to score, in the order of the scores' layer axis.
+        features: ``{layer: (B, C, *S_f)}``, at least for ``layers``.
+        prob: ``(B, K, *S)`` foreground probability of the scored classes (guides the prototypes).
+        target: bool ``(B, K, *S)`` reference of the scored classes.
+        mask: optional ``(B, 1, *S)`` mask restricting the pixels that feed the prototypes.
+        ignore_empty: empty-reference rule of :func:`~monai_protoseg.sa_score`.
+        share: requests with equal ``share`` keys guide their maps identically (same network, activation, classes
+            and mask) and are scored in one pass.
+        context: the handler's own values of the batch (its label, the full probabilities, ...), handed back with
+            the scores.
+    """
+
+    layers: Sequence[str]
+    features: Mapping[str, torch.Tensor]
+    prob: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor | None
+    ignore_empty: bool
+    share: Hashable
+    context: Mapping[str, Any] | None = None
+
+
+class ScoringHandler(Protocol):
+    """A handler that scores layers through :class:`BatchScoring`."""
+
+    def scoring_request(self, engine: Engine) -> ScoringRequest:
+        """The request of the batch that just ran."""
+
+
+class BatchScoring:
+    """The scoring handlers of one engine, and the scores of the batch that just ran.
+
+    A handler joins when the engine starts and leaves when it completes or raises. The first :meth:`scores` call of an
+    iteration asks every joined handler for its :class:`ScoringRequest` and scores them all; later calls of the same
+    iteration read the result.
+    """
+
+    def __init__(self) -> None:
+        self.handlers: list[ScoringHandler] = []
+        self._iteration: tuple[int, int] | None = None
+        self._results: dict[int, tuple[ScoringRequest, torch.Tensor]] = {}
+
+    def join(self, handler: ScoringHandler) -> None:
+        """Score ``handler``'s requests from now on (a second call does nothing)."""
+        if all(member is not handler for member in self.handlers):
+            self.handlers.append(handler)
+        self._iteration = None
+
+    def leave(self, handler: ScoringHandler) -> None:
+        """Stop scoring ``handler``; forget the current batch."""
+        self.handlers = [member for member in self.handlers if member is not handler]
+        self._iteration, self._results = None, {}
+
+    def scores(self, engine: Engine, handler: ScoringHandler) -> tuple[ScoringRequest, torch.Tensor]:
+        """``handler``'s request for the batch that just ran and its layer-wise scores ``(B, L, K)``."""
+        iteration = (engine.state.epoch, engine.state.iteration)
+        if self._iteration != iteration or id(handler) not in self._results:
+            self._iteration, self._results = None, {}  # a failure below leaves nothing half-scored
+            members = self.handlers if any(member is handler for member in self.handlers) else [handler]
+            self._results = self._score(engine, members)
+            self._iteration = iteration
+        return self._results[id(handler)]
+
+    @staticmethod
+    def _score(engine: Engine, handlers: Sequence[ScoringHandler]) -> dict[int, tuple[ScoringRequest, torch.Tensor]]:
+        """Score every handler's request, one pass per group of requests that share their maps."""
+        requests = {id(handler): handler.scoring_request(engine) for handler in handlers}
+        groups: dict[Hashable, list[int]] = {}
+        for key, request in requests.items():
+            groups.setdefault((request.share, request.ignore_empty), []).append(key)
+        results = {}
+        for members in groups.values():
+            first = requests[members[0]]
+            features = {}  # each member's layers, from the same network's recording
+            for key in members:
+                features.update({layer: requests[key].features[layer] for layer in requests[key].layers})
+            per_target = sa_scores(features, first.prob,
+                                   [requests[key].target for key in members], first.mask,
+                                   ignore_empty=first.ignore_empty)
+            for key, scores in zip(members, per_target):
+                request = requests[key]
+                results[key] = request, torch.stack([scores[layer] for layer in request.layers], dim=1)
+        return results
+
+
+_SCORING: weakref.WeakKeyDictionary[Engine, BatchScoring] = weakref.WeakKeyDictionary()
+
+
+def batch_scoring(engine: Engine) -> BatchScoring:
+    """The :class:`BatchScoring` shared by the scoring handlers attached to ``engine``."""
+    if engine not in _SCORING:
+        _SCORING[engine] = BatchScoring()
+    return _SCORING[engine]
