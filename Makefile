@@ -33,8 +33,9 @@ test: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/run_all.py --output benchmarks/RESULTS.md $(BENCH_ARGS)
 
-# On a machine with a GPU: the CUDA tests and the core, validation (float32, autocast float16/bfloat16) and streaming
-# benchmarks on the GPU, in one table. GPU_CHECK_ARGS="--device cpu --size 48" runs the same steps on the CPU.
+# On a machine with a GPU: the CUDA tests and the core and validation (float32, autocast float16/bfloat16)
+# benchmarks on the GPU, in one table (the streaming benchmark runs on the CPU only so far).
+# GPU_CHECK_ARGS="--device cpu --size 48" runs the same steps on the CPU.
 gpu-check: $(INSTALLED)
 	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
