@@ -7,12 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test docs notebook bench gpu-check clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,examples]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,examples,docs]"
 	touch $(INSTALLED)
 
 # The main job: the self-contained demo bundle (synthetic data, training, SA, quality estimate, report).
@@ -28,14 +28,24 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
+# The API reference (Sphinx, from the docstrings, with the README as its guide), warnings as errors; offline.
+# Open docs/_build/html/index.html. tests/test_docs.py builds it the same way.
+docs: $(INSTALLED)
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+# Runs the walkthrough notebook top to bottom in the environment's kernel and stores its outputs (figures, printed
+# SA) in place, as committed (nbclient's jupyter-execute, from the extra `test`). About a minute on one CPU thread.
+notebook: $(INSTALLED)
+	OMP_NUM_THREADS=1 $(BIN)/jupyter-execute --inplace --kernel_name=python3 --timeout=600 notebooks/protoseg_walkthrough.ipynb
+
 # Every benchmark in one run (about 10 minutes on 2 CPU cores); writes and prints benchmarks/RESULTS.md.
 # Options: make bench BENCH_ARGS="--only core,scaling"; a smoke run: BENCH_ARGS="--quick --output /tmp/bench.md"
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/run_all.py --output benchmarks/RESULTS.md $(BENCH_ARGS)
 
-# On a machine with a GPU: the CUDA tests and the core and validation (float32, autocast float16/bfloat16)
-# benchmarks on the GPU, in one table (the streaming benchmark runs on the CPU only so far).
-# GPU_CHECK_ARGS="--device cpu --size 48" runs the same steps on the CPU.
+# On a machine with a GPU: the CUDA tests and the core, validation (float32, autocast float16/bfloat16) and
+# streaming (a pancreas-size 256x256x128 case) benchmarks on the GPU, in one table.
+# GPU_CHECK_ARGS="--device cpu --size 32 --stream-shape 64,64,48 --stream-roi 32" runs the same steps on the CPU.
 gpu-check: $(INSTALLED)
 	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 

@@ -72,9 +72,9 @@ from monai_protoseg.attribution import (  # noqa: E402
     prediction_preserved,
 )
 from monai_protoseg.attribution.figures import plot_attribution_maps  # noqa: E402
+from monai_protoseg.figures import save_figure  # noqa: E402
 from monai_protoseg.handlers.attribution import COLUMNS  # noqa: E402
 from monai_protoseg.io import atomic_write_bytes, atomic_write_csv, format_number  # noqa: E402
-from monai_protoseg.report import save_figure  # noqa: E402
 from monai_protoseg.synthetic import case_plan, make_case  # noqa: E402
 
 CHANNELS = (8, 16, 32, 64)

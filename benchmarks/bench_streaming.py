@@ -1,7 +1,7 @@
 """Streamed against stitched SA of every probed layer on a pancreas-like sliding-window case, in one process.
 
     .venv/bin/python benchmarks/bench_streaming.py [--shape 256,256,128] [--roi 96] [--overlap 0.5]
-        [--sw-batch-size 6] [--layer-counts 1,4,10] [--repeats 1]
+        [--sw-batch-size 6] [--layer-counts 1,4,10] [--repeats 1] [--device cpu]
 
 The network is pancreas_ct_protoseg's (``configs/train.json``): DynUNet, kernels 3, strides 1, 2, 2, 2, 2, filters
 (32, 64, 128, 256, 320), instance norm, 3 output channels, seeded and in eval mode; its ten ``sa_layers`` are probed
@@ -10,9 +10,12 @@ sw_batch_size 6, overlap 0.5); the case is a volume of ``--shape`` (a CT of the 
 at the bundle's spacing) with an ellipsoid organ and a lesion in noise. SA is scored for the two foreground classes
 (pancreas, tumour; softmax probability) against the network's own one-hot prediction.
 
-Runs, torch on one thread (this machine's two cores make thread counts above one noisy): the plain sliding window;
+Runs, on ``--device`` (the CPU by default, torch on one thread there: this machine's two cores make thread counts
+above one noisy; ``cuda`` for a GPU, where peaks come from ``torch.cuda.max_memory_allocated``): the plain sliding window;
 ``ProtoSegInferer(mode="stitch")`` then its ``sa_scores`` (stitched whole-volume features); ``mode="stream"`` then
-its ``sa_scores`` (two more passes over the windows, no stitched features). Times are the best of ``--repeats``;
+its ``sa_scores`` (two more passes over the windows, no stitched features). Times are the best of ``--repeats``, on
+the CPU in this process's CPU seconds (``time.process_time``: with one thread that is the wall time of an idle machine,
+and other processes on a busy one, which inflate wall times by 3-8x at random, do not count), on a GPU wall seconds;
 peaks are those of one more run from the torch profiler's allocator events (``bench_core.extra_peak_bytes``), and a
 run's extra peak is its peak minus the plain sliding window's. Targets (issue 17): streamed extra peak <= 0.1x
 stitched; streamed time <= 3.2x plain. The layer sweep gives the slope of each mode's extra peak against the number
@@ -108,6 +111,8 @@ def parser() -> argparse.ArgumentParser:
                         help="numbers of probed layers (the first of sa_layers) of the layer sweep; the largest is "
                              "the main measurement (default 1,4,10)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting; the best is kept")
+    parser.add_argument("--device", default="cpu", help="where the network, the volume and the windows run "
+                                                        "(default cpu; cuda on a GPU)")
     return parser
 
 
@@ -117,11 +122,12 @@ def run(argv: Sequence[str] = ()) -> BenchmarkResult:
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cpu = torch.device("cpu")
+    device = torch.device(args.device)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter  # see the module docstring
     counts = sorted(set(min(count, len(PANCREAS_LAYERS)) for count in args.layer_counts))
     layers = PANCREAS_LAYERS[:counts[-1]]
     try:
-        network, image = pancreas_network(), pancreas_case(args.shape)
+        network, image = pancreas_network().to(device), pancreas_case(args.shape).to(device)
         window = SlidingWindowInferer(roi_size=[args.roi] * 3, sw_batch_size=args.sw_batch_size,
                                       overlap=args.overlap)
         runs = {"plain sliding window": lambda: window(image, network),
@@ -130,13 +136,14 @@ def run(argv: Sequence[str] = ()) -> BenchmarkResult:
         seconds, scores = {}, {}
         with torch.no_grad():
             for name, function in runs.items():
-                seconds[name], scores[name] = best_time(function, args.repeats, cpu)
+                seconds[name], scores[name] = best_time(function, args.repeats, device, clock)
                 print(f"streaming: {name}: {seconds[name]:.1f} s", flush=True)
-            peaks = {"plain sliding window": extra_peak_bytes(runs["plain sliding window"], cpu)}
+            peaks = {"plain sliding window": extra_peak_bytes(runs["plain sliding window"], device)}
             sweep: dict[str, list[int]] = {"stitch": [], "stream": []}
             for count in counts:
                 for mode, values in sweep.items():
-                    values.append(extra_peak_bytes(sa_run(window, network, image, PANCREAS_LAYERS[:count], mode), cpu))
+                    values.append(extra_peak_bytes(sa_run(window, network, image, PANCREAS_LAYERS[:count], mode),
+                                                   device))
                 print(f"streaming: {count} layers: peak stitched {sweep['stitch'][-1] / 2**20:.0f} MiB, streamed "
                       f"{sweep['stream'][-1] / 2**20:.0f} MiB", flush=True)
     finally:
@@ -167,13 +174,17 @@ def run(argv: Sequence[str] = ()) -> BenchmarkResult:
         Check("slope of the streamed extra peak against the layers", slopes["stream"], unit=" MiB/layer"),
         Check("largest SA difference, streamed against stitched (float32)", difference, unit=""),
     ]
+    where = ("torch on 1 thread, times in process CPU seconds" if device.type == "cpu"
+             else f"device {device}, wall times")
+    peak_source = ("the torch profiler's allocator events" if device.type == "cpu"
+                   else "torch.cuda.max_memory_allocated")
     description = (
         f"pancreas_ct_protoseg's DynUNet (filters 32 to 320, instance norm, 3 classes) on one "
         f"{'x'.join(map(str, args.shape))} volume, SlidingWindowInferer roi {args.roi}^3, sw_batch_size "
-        f"{args.sw_batch_size}, overlap {args.overlap} ({windows} windows), torch on 1 thread; SA of {len(layers)} "
+        f"{args.sw_batch_size}, overlap {args.overlap} ({windows} windows), {where}; SA of {len(layers)} "
         f"layers ({', '.join(layers)}) for 2 classes against the one-hot prediction. Stitched features, as MONAI "
         f"allocates them: {stitched / 2**20:.0f} MiB. Best of {args.repeats} timed "
-        "run(s); peaks of one more run each from the torch profiler's allocator events; extra = peak - the plain "
+        f"run(s); peaks of one more run each from {peak_source}; extra = peak - the plain "
         "sliding window's."
     )
     return BenchmarkResult(

@@ -1,6 +1,7 @@
-"""The GPU check: CUDA tests, then the core and validation benchmarks on the GPU, in one table.
+"""The GPU check: CUDA tests, then the core, validation and streaming benchmarks on the GPU, in one table.
 
-    .venv/bin/python benchmarks/gpu_check.py [--device cuda] [--size 96]     # what `make gpu-check` runs
+    .venv/bin/python benchmarks/gpu_check.py [--device cuda] [--size 96] [--stream-shape 256,256,128]
+        [--stream-roi 96]     # what `make gpu-check` runs
 
 Steps, each a row of the table (its status, seconds and key figures):
 
@@ -9,9 +10,11 @@ Steps, each a row of the table (its status, seconds and key figures):
 2. the core benchmark (``bench_core.py --device cuda``): SA against the naive formulation, all layers at once;
 3. validation with and without the drop-in handlers (``SAScoreHandler`` on the candidate layers and
    ``MeanSAQualityHandler`` with ``tta_flip``) in float32 and under autocast float16 and bfloat16, sliding windows;
-4. the streaming benchmark: not yet, ``bench_streaming.py`` runs on the CPU only (the table says so).
+4. the streaming benchmark (``bench_streaming.py --device cuda``) on a pancreas-size case: plain, stitched and
+   streamed sliding-window SA of the pancreas bundle's ten layers, their times and extra peaks.
 
-``--device cpu`` runs the same steps on the CPU (the CUDA tests are then skipped): a smoke test of the script.
+``--device cpu`` runs the same steps on the CPU (the CUDA tests are then skipped): a smoke test of the script (give it
+a small ``--size`` and ``--stream-shape``, e.g. ``--size 32 --stream-shape 64,64,48 --stream-roi 32``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from monai.inferers import SlidingWindowInferer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_core  # noqa: E402
+from benchmarks import bench_core, bench_streaming  # noqa: E402
 from benchmarks.results import Table, machine_line, number  # noqa: E402
 from monai_protoseg import MeanSAQualityHandler, SAScoreHandler  # noqa: E402
 
@@ -43,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run of the script)")
     parser.add_argument("--size", type=int, default=96, help="edge of the cubic volumes (default 96)")
     parser.add_argument("--cases", type=int, default=3, help="validation volumes (default 3)")
+    parser.add_argument("--stream-shape", default="256,256,128",
+                        help="volume of the streaming benchmark (default 256,256,128, a pancreas CT)")
+    parser.add_argument("--stream-roi", default="96", help="window edge of the streaming benchmark (default 96)")
     return parser
 
 
@@ -110,8 +116,13 @@ def run(argv: Sequence[str] = ()) -> Table:
                      f"{seconds / plain:.2f}x the plain float32 run ({plain:.2f} s); SA {metrics['sa_mean']:.4f}, "
                      f"largest layer SA change vs float32 {drift:.4f}"])
 
-    rows.append(["streaming benchmark", "not run", "-",
-                 "bench_streaming.py runs on the CPU only (no --device yet): run it alone for its CPU figures"])
+    start = time.perf_counter()
+    streaming = bench_streaming.run(["--device", args.device, "--shape", args.stream_shape, "--roi", args.stream_roi,
+                                     "--layer-counts", "1,10"])
+    rows.append([f"streaming benchmark, {args.stream_shape} roi {args.stream_roi}",
+                 "met" if all(c.met is not False for c in streaming.checks) else "NOT MET",
+                 number(time.perf_counter() - start),
+                 "; ".join(f"{c.name}: {number(c.value)}{c.unit}" for c in streaming.checks)])
     return Table(["step", "status", "seconds", "figures"], rows, align="llrl")
 
 

@@ -2,8 +2,9 @@
 
 from .checks import CheckedLoadImaged, CheckSpatialShaped
 from .estimator import QualityEstimator, quality_features
-from .handlers import AttributionHandler, MeanSAQualityHandler, PrototypeMapHandler, SAScoreHandler
+from .handlers import AttributionHandler, MeanSAQualityHandler, PrototypeMapHandler, PrototypeMapSaver, SAScoreHandler
 from .inferers import ProtoSegInferer
+from .layer_names import layer_aliases
 from .maps import MapSnapshot, plot_prototype_maps, read_snapshot, save_snapshot, take_snapshot, tile_snapshot
 from .metrics import SAScoreMetric
 from .module import ProtoSeg
@@ -24,11 +25,13 @@ __all__ = [
     "candidate_layers",
     "resolve_layers",
     "last_decoder_layers",
+    "layer_aliases",
     "SAScoreMetric",
     "SAScoreHandler",
     "MeanSAQualityHandler",
     "AttributionHandler",
     "PrototypeMapHandler",
+    "PrototypeMapSaver",
     "MapSnapshot",
     "take_snapshot",
     "save_snapshot",

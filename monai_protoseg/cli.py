@@ -37,6 +37,7 @@ from monai.utils import safe_eval
 from torch import nn
 
 from .attach import build_network, inspect_bundle, write_overlay
+from .layer_names import layer_aliases
 from .recorder import candidate_layers, last_decoder_layers
 from .report import write_report
 
@@ -436,7 +437,8 @@ def layer_table(
     example_input: torch.Tensor | None = None,
 ) -> str:
     """A text table of the network's modules: qualified name (indented under its listed parent), type, output
-    shape, and ``SA`` / ``quality`` for the layers :func:`candidate_layers` / :func:`last_decoder_layers` choose.
+    shape, ``SA`` / ``quality`` for the layers :func:`candidate_layers` / :func:`last_decoder_layers` choose, and
+    those layers' readable aliases (:func:`~monai_protoseg.layer_aliases`, the names results and reports show).
 
     By default, in registration order, the candidate layers and the blocks (modules with children) outside them: the
     network's skeleton down to the probed layers, which is what one chooses layers from. Single layers
@@ -458,6 +460,7 @@ def layer_table(
         quality = last_decoder_layers(network, example_input=example_input)
     except ValueError:  # fewer than three candidate layers: no quality default
         quality = []
+    aliases = layer_aliases(network, candidates)
     modules = dict(network.named_modules())
     inside_candidate = tuple(f"{name}." for name in candidates)
 
@@ -467,16 +470,18 @@ def layer_table(
 
     listed = [name for name, module in modules.items()
               if name in shapes and (show_all or listed_by_default(name, module))]
-    rows = [("layer", "type", "output shape", "probe")]
+    rows = [("layer", "type", "output shape", "probe", "alias")]
     for name in listed:
         depth = sum(name.startswith(f"{parent}.") for parent in listed)
         marks = ", ".join(mark for mark, names in (("SA", candidates), ("quality", quality)) if name in names)
-        rows.append(("  " * depth + name, type(modules[name]).__name__, str(shapes[name]), marks))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        alias = aliases.get(name, "")
+        rows.append(("  " * depth + name, type(modules[name]).__name__, str(shapes[name]), marks, alias))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     hidden = sum(1 for name in shapes if name not in listed)
     lines += ["", f"SA: chosen by candidate_layers ({len(candidates)} layers, the default SA layers); quality: chosen "
-                  f"by last_decoder_layers ({len(quality)} layers, the mean-SA quality estimate's default)."]
+                  f"by last_decoder_layers ({len(quality)} layers, the mean-SA quality estimate's default); alias: the "
+                  f"name results and reports give the layer."]
     if hidden:
         lines.append(f"{hidden} more modules (single layers, parts of the SA layers) are not listed; --all lists them.")
     return "\n".join(lines)

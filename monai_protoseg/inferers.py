@@ -167,19 +167,18 @@ class ProtoSegInferer(Inferer):
             if first:
                 recording = contextlib.nullcontext() if self.streamed else recorder
             else:
-                recording = shapes if self.mode == "stream" else recorder
-            with recording:
+                recording = contextlib.nullcontext() if self.mode == "stream" else recorder
+            with recording, shapes if not first else contextlib.nullcontext():
                 output = network(window, *window_args, **window_kwargs)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"ProtoSegInferer needs a network that returns a tensor, got {type(output).__name__}.")
             features = recorder.features if recording is recorder else {}
             if not first:
-                found = shapes.outputs if recording is shapes else {
-                    layer: (value.shape[1:], value.dtype) for layer, value in features.items()}
+                found = shapes.outputs
                 by_size = sorted(found, key=lambda layer: -found[layer][0][1:].numel())
                 keys.update({f"{rank:04d}": layer for rank, layer in enumerate(by_size)})
                 first.update(size=output.shape[2:], shapes={layer: found[layer][0] for layer in by_size},
-                             dtypes={layer: found[layer][1] for layer in by_size})
+                             dtypes={layer: found[layer][1] for layer in by_size}, output_layers=shapes.outputs_of(output))
                 self.streamed = self._streams(inputs, first["shapes"])
             if self.streamed:
                 return output
@@ -189,7 +188,8 @@ class ProtoSegInferer(Inferer):
         self._check_alignment(inputs.shape[2:], {layer: shape[1:] for layer, shape in first["shapes"].items()})
         if self.streamed:
             self._source = WindowSource(self.inferer, inputs, network, args, kwargs, first["size"], first["shapes"],
-                                        first["dtypes"], _autocast_state(self.inferer.sw_device or inputs.device))
+                                        first["dtypes"], _autocast_state(self.inferer.sw_device or inputs.device),
+                                        stitched, first["output_layers"])
             return stitched
         features = {layer: stitched[key] for key, layer in keys.items()}
         self.features = {layer: features[layer] for layer in self.layers if layer in features}

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .figures import figure_png, short_label
 from .io import atomic_write_bytes
+from .sections import Paragraph, PNGImage, RunFiles, Section
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,6 +36,7 @@ __all__ = [
     "read_snapshot",
     "plot_prototype_maps",
     "tile_snapshot",
+    "prototype_map_section",
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_VERSION",
 ]
@@ -304,11 +307,6 @@ def read_snapshot(path: str | os.PathLike) -> MapSnapshot:
         raise ValueError(f"{path}: {error}") from error
 
 
-def _short(layer: str) -> str:
-    """A layer name short enough for a panel title."""
-    return layer if len(layer) <= 20 else "…" + layer[-19:]
-
-
 def plot_prototype_maps(snapshots: MapSnapshot | Sequence[MapSnapshot]) -> Figure:
     """One row per snapshot: the image (first channel), the ground truth, the prediction, then each layer's map.
 
@@ -348,7 +346,7 @@ def plot_prototype_maps(snapshots: MapSnapshot | Sequence[MapSnapshot]) -> Figur
         for axis, layer, values, sa in zip(row[3:], snapshot.layers, snapshot.maps, snapshot.sa):
             score = "undefined" if math.isnan(sa) else f"{sa:.3f}"
             vs = "" if snapshot.reference == "label" else " vs pred"
-            _probability_panel(axis, values, f"{_short(layer)}\nSA {score}{vs}")
+            _probability_panel(axis, values, f"{short_label(layer, 20)}\nSA {score}{vs}")
     figure.colorbar(mappable, ax=axes[:, 2:], shrink=0.8, label="foreground probability")
     return figure
 
@@ -388,3 +386,24 @@ def tile_snapshot(snapshot: MapSnapshot, gap: int = 2) -> np.ndarray:
     separator = np.ones((image.shape[0], gap), dtype=np.float32)
     tiles = [part for panel in panels for part in (separator, np.nan_to_num(panel, nan=0.0))][1:]
     return np.concatenate(tiles, axis=1)[None].astype(np.float32)
+
+
+def prototype_map_section(run: RunFiles) -> Section | None:
+    """The report's section on the prototype maps ``PrototypeMapHandler(output_dir=...)`` saved in
+    ``prototype_maps/``: one figure, a row per case and class."""
+    paths = sorted((run.run_dir / "prototype_maps").glob("*.npz"))
+    if not paths:
+        return None
+    snapshots = [read_snapshot(path) for path in paths]
+    cases = ", ".join(dict.fromkeys(f"`{snapshot.case}`" for snapshot in snapshots))
+    return Section(
+        "Prototype maps",
+        summary=[f"Prototype maps of {len(snapshots[0].layers)} layers are shown for {len(snapshots)} case-class "
+                 f"pair(s): {cases}."],
+        blocks=[
+            Paragraph("Each row: the image, the ground truth, the network's soft prediction, then every probed layer's "
+                      "prototype map (soft, with its 0.5 contour: the binary ProtoSeg map) and its SA over the whole "
+                      "case. 3D cases show the slice with the most foreground."),
+            PNGImage("prototype_maps.png", "prototype maps", figure_png(plot_prototype_maps(snapshots), dpi=80)),
+        ],
+    )

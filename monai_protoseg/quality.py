@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .conformal import conformal_halfwidth, conformal_interval
 from .fingerprint import NetworkFingerprint
 from .io import read_json, write_json
 
@@ -63,6 +64,8 @@ class QualityCalibration:
         n_excluded: number of pairs excluded because mean SA or true Dice was NaN.
         fingerprint: the network (and mean-SA layers) it was fitted for, when ``MeanSAQualityHandler`` fitted it;
             ``None`` otherwise (``fit`` knows no network).
+        loo_residuals: the absolute leave-one-out errors, for split-conformal intervals (:meth:`interval`); ``()``
+            where leave-one-out is undefined or in files written before they were kept.
 
     Example:
         >>> calibration = QualityCalibration.fit([0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])
@@ -80,6 +83,7 @@ class QualityCalibration:
     n_cases: int
     n_excluded: int = 0
     fingerprint: NetworkFingerprint | None = None
+    loo_residuals: tuple[float, ...] = ()
 
     @classmethod
     def fit(cls, mean_sa: ArrayLike, true_dice: ArrayLike) -> QualityCalibration:
@@ -137,15 +141,35 @@ class QualityCalibration:
         constant_dice = bool(np.all(y == y[0]))
         pearson_r = math.nan if constant_dice else float(np.clip((xc @ yc) / math.sqrt(sxx * syy), -1, 1))
         mae = float(np.abs(np.clip(slope * x + intercept, 0, 1) - y).mean())
+        residuals = _loo_residuals(x, y)
         return cls(
             slope=slope,
             intercept=intercept,
             pearson_r=pearson_r,
             mae=mae,
-            loo_mae=_loo_mae(x, y),
+            loo_mae=math.nan if residuals is None else float(residuals.mean()),
             n_cases=n,
             n_excluded=n_excluded,
+            loo_residuals=() if residuals is None else tuple(residuals.tolist()),
         )
+
+    def interval(self, estimate: ArrayLike, coverage: float) -> tuple[np.ndarray, np.ndarray]:
+        """Split-conformal intervals ``estimate +/- q`` clipped to [0, 1], ``q`` from the leave-one-out residuals
+        (:func:`~monai_protoseg.conformal.conformal_halfwidth`); NaN where there are none (or ``estimate`` is NaN).
+
+        Args:
+            estimate: estimated Dice from :meth:`predict`, any shape.
+            coverage: the nominal coverage, in (0, 1).
+
+        Returns:
+            ``(low, high)`` float64 numpy arrays of the estimate's shape.
+        """
+        if isinstance(estimate, torch.Tensor):
+            estimate = estimate.detach().cpu().double().numpy()
+        width = conformal_halfwidth(self.loo_residuals, coverage) if self.loo_residuals else math.nan
+        if not self.loo_residuals:
+            conformal_halfwidth([], coverage)  # checks coverage
+        return conformal_interval(np.asarray(estimate, dtype=np.float64), width)
 
     def predict(self, mean_sa: ArrayLike) -> float | np.ndarray | torch.Tensor:
         """Estimated Dice ``clip(slope * mean_sa + intercept, 0, 1)``; NaN where ``mean_sa`` is NaN.
@@ -193,6 +217,7 @@ class QualityCalibration:
         from . import __version__  # here, not at import time: the package imports this module while initialising
 
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fingerprint"}
+        values["loo_residuals"] = list(self.loo_residuals)
         for name, value in values.items():
             if isinstance(value, float) and math.isnan(value):
                 values[name] = None
@@ -232,7 +257,7 @@ class QualityCalibration:
                 f"version {version!r} is not supported: this monai_protoseg reads versions 1 to "
                 f"{CALIBRATION_VERSION} (a newer monai_protoseg may have written it)."
             )
-        names = [f.name for f in fields(cls) if f.name != "fingerprint"]
+        names = [f.name for f in fields(cls) if f.name not in ("fingerprint", "loo_residuals")]  # both optional
         missing = [name for name in names if name not in data]
         if missing:
             raise ValueError(f"missing field(s): {', '.join(missing)}.")
@@ -244,6 +269,11 @@ class QualityCalibration:
             if not _is_int(data[name]) or data[name] < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {data[name]!r}.")
             values[name] = int(data[name])
+        residuals = data.get("loo_residuals", [])
+        if not isinstance(residuals, list):
+            raise ValueError(f"loo_residuals must be a list, got {residuals!r}.")
+        values["loo_residuals"] = tuple(_number(value, f"loo_residuals[{i}]", low=0, high=1)
+                                        for i, value in enumerate(residuals))
         return cls(**values, fingerprint=_fingerprint(data))
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
@@ -301,8 +331,8 @@ def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
     return slope, float(y_mean - slope * x_mean)
 
 
-def _loo_mae(x: np.ndarray, y: np.ndarray) -> float:
-    """Leave-one-out mean absolute error of the clipped line; NaN if some leave-one-out fit is impossible.
+def _loo_residuals(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Absolute leave-one-out errors of the clipped line; ``None`` if some leave-one-out fit is impossible.
 
     The sums of the fit without case ``i`` come from the full ones by downdating, in O(n):
     ``Sxx_{-i} = Sxx - n / (n - 1) (x_i - mean x)^2`` (likewise ``Sxy_{-i}``). Where ``Sxx_{-i}`` is small relative to
@@ -321,9 +351,9 @@ def _loo_mae(x: np.ndarray, y: np.ndarray) -> float:
     for i in np.flatnonzero(sxx_loo <= _LOO_RECOMPUTE * sxx):
         line = _fit_line(np.delete(x, i), np.delete(y, i))
         if line is None:
-            return math.nan
+            return None
         predicted[i] = line[0] * x[i] + line[1]
-    return float(np.abs(np.clip(predicted, 0, 1) - y).mean())
+    return np.abs(np.clip(predicted, 0, 1) - y)
 
 
 def _is_int(value: Any) -> bool:

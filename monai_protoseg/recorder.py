@@ -26,16 +26,40 @@ from monai.networks.nets import (
 )
 from torch import nn
 
-__all__ = ["FeatureRecorder", "layer_list", "resolve_layers", "forward_hooks_suspended", "candidate_layers", "last_decoder_layers"]
+__all__ = [
+    "FeatureRecorder",
+    "layer_list",
+    "resolve_layers",
+    "forward_hooks_suspended",
+    "candidate_layers",
+    "last_decoder_layers",
+    "strip_wrapper_prefixes",
+    "unwrap_network",
+]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _strip_wrapper_prefixes(name: str) -> str:
+def strip_wrapper_prefixes(name: str) -> str:
     """``name`` without leading ``module.`` (DataParallel, DistributedDataParallel) or ``_orig_mod.`` (compile)."""
     while name.startswith(_WRAPPER_PREFIXES):
         name = name.split(".", 1)[1]
     return name
+
+
+def unwrap_network(network: nn.Module) -> tuple[nn.Module, str]:
+    """The network inside (Distributed)DataParallel and ``torch.compile`` wrappers, and the prefix its submodule names
+    carry in the wrapper's ``named_modules()``.
+
+    Example:
+        >>> unwrap_network(nn.DataParallel(nn.Conv2d(1, 1, 1)))[1]
+        'module.'
+    """
+    prefix = ""
+    while isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or hasattr(network, "_orig_mod"):
+        attribute = "module" if hasattr(network, "module") else "_orig_mod"
+        network, prefix = getattr(network, attribute), f"{prefix}{attribute}."
+    return network, prefix
 
 
 def layer_list(layers: Iterable[str], argument: str = "layers") -> list[str]:
@@ -74,14 +98,14 @@ def resolve_layers(network: nn.Module, layers: Iterable[str]) -> dict[str, nn.Mo
     modules = dict(network.named_modules())
     by_bare_name: dict[str, nn.Module] = {}
     for qualified, module in modules.items():
-        by_bare_name.setdefault(_strip_wrapper_prefixes(qualified), module)
+        by_bare_name.setdefault(strip_wrapper_prefixes(qualified), module)
     found = {}
     for name in layers:
         if not isinstance(name, str):
             raise TypeError(f"layer names must be strings, got {name!r} ({type(name).__name__}).")
-        module = modules.get(name, by_bare_name.get(_strip_wrapper_prefixes(name)))
+        module = modules.get(name, by_bare_name.get(strip_wrapper_prefixes(name)))
         if module is None:
-            closest = difflib.get_close_matches(_strip_wrapper_prefixes(name), list(by_bare_name), n=5, cutoff=0.4)
+            closest = difflib.get_close_matches(strip_wrapper_prefixes(name), list(by_bare_name), n=5, cutoff=0.4)
             hint = ", ".join(repr(c) for c in closest) if closest else "none close; see network.named_modules()"
             raise ValueError(f"layer {name!r} is not a submodule of {type(network).__name__}; closest names: {hint}.")
         found[name] = module
@@ -267,10 +291,7 @@ def candidate_layers(network: nn.Module, *, example_input: torch.Tensor | None =
         >>> candidate_layers(nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), tokens))
         ['0']
     """
-    prefix = ""
-    while isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or hasattr(network, "_orig_mod"):
-        attribute = "module" if hasattr(network, "module") else "_orig_mod"
-        network, prefix = getattr(network, attribute), f"{prefix}{attribute}."
+    network, prefix = unwrap_network(network)
     if isinstance(network, UNet):
         names = _unet_layers(network)
     elif isinstance(network, BasicUNet):

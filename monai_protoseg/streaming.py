@@ -22,6 +22,7 @@ scale ``_rescaled_sigmoid`` takes) so that they neither overflow nor underflow.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,15 +42,15 @@ from monai.utils import (
 )
 from torch import nn
 
-from .protoseg import _count, _Guide, _map_scores, _prepare_guide, _resize_transpose
+from .protoseg import _count, _map_scores, _prepare_guide, _resize_transpose
 from .recorder import forward_hooks_suspended, resolve_layers
 
 __all__ = ["WindowSource", "ShapeRecorder", "streamed_prototype_logits", "sa_scores_from_logits", "stitched_bytes",
            "CHUNK_ELEMENTS"]
 
-CHUNK_ELEMENTS = 2**20
+CHUNK_ELEMENTS = 2**18
 """A window's features are translated, weighted and turned into logits in blocks of rows of at most this many elements
-(4 MiB of float32), so the extra memory of streaming grows neither with the layers' channels nor with the window."""
+(1 MiB of float32), so the extra memory of streaming grows neither with the layers' channels nor with the window."""
 
 _MONAI_CALL_KEYWORDS = ("device", "buffer_steps", "buffer_dim")
 """Keyword arguments that ``SlidingWindowInferer.__call__`` takes for itself and never passes to the network."""
@@ -71,6 +72,10 @@ class WindowSource:
             window size to the smallest, ties in forward order (see ``ProtoSegInferer._sliding_window``).
         dtypes: each layer's output dtype.
         autocast: ``(device type, enabled, dtype)`` of the call, restored when the windows run again.
+        prediction: the call's stitched prediction ``(B, C, *S)``.
+        output_layers: the layers whose output is the network's output itself (the same tensor, unchanged after the
+            layer ran, in the first window): their stitched features are the prediction, so their logits are made
+            from it instead of being blended over the windows.
     """
 
     inferer: SlidingWindowInferer
@@ -82,11 +87,14 @@ class WindowSource:
     layers: dict[str, torch.Size]
     dtypes: dict[str, torch.dtype]
     autocast: tuple[str, bool, torch.dtype]
+    prediction: torch.Tensor
+    output_layers: frozenset[str] = frozenset()
 
 
 class ShapeRecorder:
     """Context manager that records the output shapes and dtypes of named layers in a forward pass, and no tensor:
-    what streaming needs of the first window (hooks on entry, always removed on exit).
+    what streaming needs of the first window (hooks on entry, always removed on exit), and which layers' output is the
+    network's output (:meth:`outputs_of`).
 
     Args:
         network: the network.
@@ -96,10 +104,12 @@ class ShapeRecorder:
     def __init__(self, network: nn.Module, layers: Sequence[str]) -> None:
         self.modules = resolve_layers(network, layers)
         self.outputs: dict[str, tuple[torch.Size, torch.dtype]] = {}  # (C, *S) and dtype of each layer that ran
+        self._returned: dict[str, tuple[weakref.ref, int]] = {}  # each layer's output (weakly) and its version
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> ShapeRecorder:
         self.outputs.clear()
+        self._returned.clear()
         self._handles = [module.register_forward_hook(self._hook(layer)) for layer, module in self.modules.items()]
         return self
 
@@ -114,8 +124,15 @@ class ShapeRecorder:
                                 f"tensor; record one of its submodules instead.")
             self.outputs.pop(layer, None)  # a layer that runs twice counts where it ran last, as FeatureRecorder
             self.outputs[layer] = output.shape[1:], output.dtype
+            self._returned[layer] = weakref.ref(output), output._version
 
         return record
+
+    def outputs_of(self, output: torch.Tensor) -> frozenset[str]:
+        """The layers whose recorded output is ``output`` itself (the same tensor object), not changed in place since
+        the layer returned it."""
+        return frozenset(layer for layer, (reference, version) in self._returned.items()
+                         if reference() is output and output._version == version)
 
 
 def stitched_bytes(
@@ -204,7 +221,8 @@ class _WindowGrid:
             if tuple(window) != self.roi_size:  # MONAI resizes the map it used last, as each output needs
                 weight = F.interpolate(weight, tuple(window), mode="nearest-exact")
             if not name:
-                continue  # the prediction: only its resize counts, for the next output
+                self.prediction_importance = weight  # the map MONAI blends the prediction with
+                continue
             same = [grid for grid in shared if grid.importance.shape == weight.shape
                     and torch.equal(grid.importance, weight.to(grid.importance.device))]
             if same:
@@ -449,11 +467,17 @@ def streamed_prototype_logits(
             scales[layer] = state.finish().to(device)
         except ValueError as error:
             raise ValueError(f"layer {layer!r}: {error}") from error
+    prediction = source.prediction.as_subclass(torch.Tensor)
+    direct = {layer for layer in source.output_layers  # stitched, their features would be the prediction
+              if grid.layers[layer].size == tuple(prediction.shape[2:]) and torch.equal(
+                  grid.layers[layer].importance, grid.prediction_importance.to(grid.layers[layer].importance.device))}
     outputs = {layer: torch.zeros(prob.shape[0], prob.shape[1], *grid.layers[layer].grid, dtype=state.dtype,
-                                  device=device) for layer, state in states.items()}
+                                  device=device) for layer, state in states.items() if layer not in direct}
 
     def blend(layer: str, features: torch.Tensor, images: list[int], windows: list[int]) -> None:
         """Add each window's prototype logits ``delta . f - offset`` times its importance, as MONAI blends."""
+        if layer in direct:
+            return
         state, layer_grid = states[layer], grid.layers[layer]
         for window_features, image, window in zip(features, images, windows):
             for rows, position, block in state.blocks(window_features, image, layer_grid.slices[window]):
@@ -464,6 +488,9 @@ def streamed_prototype_logits(
     _run_windows(source, grid, blend)
     logits, counts = {}, {}
     for layer in source.layers:
+        if layer in direct:
+            logits[layer] = _logits_of_stitched(prediction, states[layer], sw_device).to(device)
+            continue
         layer_grid = grid.layers[layer]
         if id(layer_grid) not in counts:
             counts[id(layer_grid)] = layer_grid.count(device)
@@ -474,45 +501,92 @@ def streamed_prototype_logits(
     return logits, scales
 
 
+def _logits_of_stitched(features: torch.Tensor, state: _LayerState, sw_device: torch.device) -> torch.Tensor:
+    """Prototype logits ``delta . f - offset`` of a layer's stitched ``(B, C, *S)`` features (the prediction, for a
+    layer whose output is the network's), a block of rows at a time: ``(B, K, *S)`` on ``sw_device``."""
+    batch, classes, size = features.shape[0], state.coefficients.shape[1], features.shape[2:]
+    logits = torch.empty(batch, classes, *size, dtype=state.dtype, device=sw_device)
+    whole = tuple(slice(0, n) for n in size)
+    for image in range(batch):
+        for rows, _, block in state.blocks(features[image].to(sw_device), image, whole):
+            values = torch.addmm(state.offsets[image], state.coefficients[image], block, beta=-1)
+            logits[image, :, rows] = values.view(classes, -1, *size[1:])
+    return logits
+
+
 def _guided_states(
     source: WindowSource, grid: _WindowGrid, prob: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[dict[str, _LayerState], dict[tuple[int, torch.dtype], torch.Tensor]]:
-    """Each layer's :class:`_LayerState`, and the prototype weights ``W / count`` of each layer geometry and dtype
-    (:func:`_blend_weights`). The guide's own full-size weights are divided in place for a grid of their size, so
-    that nothing but the returned dict holds them once this returns.
+) -> tuple[dict[str, _LayerState], dict[tuple[int, torch.dtype], torch.Tensor | _GuideBlocks]]:
+    """Each layer's :class:`_LayerState`, and the prototype weights ``W / count`` of each layer geometry and dtype.
+
+    The ``(B, 2K, *S)`` weights of the guide never exist at once: they are made one class at a time to sum them and
+    move them to the layers' grids (:func:`_class_weights`), and on the guide's own grid without padding they are
+    made a block at a time as the windows need them (:class:`_GuideBlocks`).
     """
     states: dict[str, _LayerState] = {}
-    blend_weights: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+    blend_weights: dict[tuple[int, torch.dtype], torch.Tensor | _GuideBlocks] = {}
+    size = tuple(prob.shape[2:])
     for dtype in {_feature_dtype(value) for value in source.dtypes.values()}:
-        guide = _Guide(*_prepare_guide(prob, mask, None, dtype)[:2])
+        guide, guide_mask = _prepare_guide(prob, mask, None, dtype)[:2]
         layers = [layer for layer in source.layers if _feature_dtype(source.dtypes[layer]) == dtype]
-        for layer in layers:
-            states[layer] = _LayerState(source.layers[layer][0], guide.totals, dtype, grid.sw_device)
         grids = {id(grid.layers[layer]): grid.layers[layer] for layer in layers}
-        ordered = sorted(grids.items(), key=lambda item: item[1].size == guide.size)  # the guide's size last:
-        for index, (key, layer_grid) in enumerate(ordered):  # the last may divide the guide's weights in place
-            blend_weights[(key, dtype)] = _blend_weights(guide, layer_grid, in_place=index == len(ordered) - 1)
+        lazy = {key for key, layer_grid in grids.items() if layer_grid.size == size and layer_grid.crop is None}
+        totals, moved = _class_weights(guide, guide_mask, [grids[key] for key in grids if key not in lazy])
+        for layer in layers:
+            states[layer] = _LayerState(source.layers[layer][0], totals, dtype, grid.sw_device)
+        for key, layer_grid in grids.items():
+            count = layer_grid.count(guide.device)
+            if key in lazy:
+                blend_weights[(key, dtype)] = _GuideBlocks(guide, guide_mask, count)
+            elif layer_grid.crop is None:
+                blend_weights[(key, dtype)] = moved.pop(key).div_(count)
+            else:  # zero in the padding
+                weights = moved[key].new_zeros(*moved[key].shape[:2], *layer_grid.grid)
+                crop = (slice(None), slice(None), *layer_grid.crop)
+                weights[crop] = moved.pop(key) / count[crop]
+                blend_weights[(key, dtype)] = weights
     return states, blend_weights
 
 
-def _blend_weights(guide: _Guide, layer_grid: _LayerGrid, *, in_place: bool) -> torch.Tensor:
-    """The prototype weights moved to a layer's grid by the transpose of the interpolation and divided by its count
-    map, on the padded grid (zero in the padding): ``(B, 2K, *padded grid)``, so that a window's share of them is
-    its slice times its importance.
+def _class_weights(
+    prob: torch.Tensor, mask: torch.Tensor | None, grids: Sequence[_LayerGrid]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The totals of the prototype weights ``(B, 2K, 1)`` (the foreground's ``prob x mask`` of each class, then the
+    background's ``(1 - prob) x mask``) and the weights moved to each grid by the transpose of the interpolation,
+    ``{id(grid): (B, 2K, *grid size)}``, made one class at a time: ``(B, 2, *S)`` at most exists at once."""
+    classes = prob.shape[1]
+    totals, moved = [], {id(layer_grid): [] for layer_grid in grids}
+    for k in range(classes):
+        weights = torch.cat([prob[:, k:k + 1], prob[:, k:k + 1]], dim=1)  # foreground, background
+        weights[:, 1:].neg_().add_(1)
+        if mask is not None:
+            weights.mul_(mask)
+        totals.append(weights.flatten(2).sum(-1, keepdim=True))
+        for layer_grid in grids:
+            moved[id(layer_grid)].append(_resize_transpose(weights, layer_grid.size))
+    order = [*range(0, 2 * classes, 2), *range(1, 2 * classes, 2)]  # the classes' foregrounds, then backgrounds
 
-    Args:
-        guide: the guide.
-        layer_grid: the layer's geometry.
-        in_place: the guide's own weights may be divided in place (where neither move nor padding is needed).
-    """
-    count = layer_grid.count(guide.weights.device)
-    moved = _resize_transpose(guide.weights, layer_grid.size)
-    if layer_grid.crop is None:
-        return moved.div_(count) if in_place or moved is not guide.weights else moved / count
-    weights = moved.new_zeros(*moved.shape[:2], *layer_grid.grid)
-    crop = (slice(None), slice(None), *layer_grid.crop)
-    weights[crop] = moved / count[crop]
-    return weights
+    def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts, dim=1)[:, order]
+
+    return joined(totals), {key: joined(parts) for key, parts in moved.items()}
+
+
+class _GuideBlocks:
+    """The prototype weights divided by the count map on the guide's own grid (a layer at full resolution, no
+    padding), made a block at a time: ``self[(image, slice(None), *position)]`` is ``(2K, *block)``, the foreground
+    weights of the ``K`` classes then the background ones, as the whole weights would hold them."""
+
+    def __init__(self, prob: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor) -> None:
+        self.prob, self.mask, self.count = prob, mask, count
+
+    def __getitem__(self, index: tuple) -> torch.Tensor:
+        image, _, *position = index
+        prob = self.prob[(image, slice(None), *position)]
+        weights = torch.cat([prob, 1 - prob])
+        if self.mask is not None:
+            weights = weights * self.mask[(image, slice(None), *position)]
+        return weights / self.count[(0, slice(None), *position)]
 
 
 def _check_guide(prob: torch.Tensor, mask: torch.Tensor | None, inputs: torch.Tensor) -> None:

@@ -14,8 +14,9 @@ import torch
 
 from benchmarks import bench_attribution
 from monai_protoseg.attribution.figures import plot_attribution_maps
+from monai_protoseg.attribution.report import read_attribution_metrics
 from monai_protoseg.io import atomic_write_csv
-from monai_protoseg.report import read_attribution_metrics, write_report
+from monai_protoseg.report import write_report
 from tests.test_bench_run_all import tables
 
 METHODS = ["Grad-CAM", "Grad-CAM++", "LayerCAM", "Score-CAM", "RISE", "KWC", "ProtoSeg input image",

@@ -55,6 +55,37 @@ def test_quick_run_prints_a_table_of_finite_numbers(capsys):
     assert methods[-1].startswith("estimator: chosen by CV (")
     assert "estimator MAE / best baseline MAE" in printed
 
+    # issue 18: the real-anatomy task (MNI152 slices through MeanSAQualityHandler) beside the synthetic one
+    real = printed[printed.index("| method | val nested CV r | val nested CV MAE | test r | test MAE"):]
+    real = real.split("\n\n")[0]
+    methods = [line.split(" | ")[0].strip("| ") for line in real.splitlines()[2:]]
+    assert methods[:3] == list(bench_quality.MNI_CONFIGS)
+    assert {f"baseline: {name}, calibrated" for name in bench_quality.MNI_BASELINES} <= set(methods)
+    assert {*bench_quality.FEATURE_ADDITIONS, "variant: per-class estimators (default sets)"} <= set(methods)
+    for line in real.splitlines()[2:5]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        nested, mae, coverage = float(cells[2]), float(cells[4]), float(cells[5])
+        assert 0 <= mae <= 1 and 0 <= nested <= 1 and 0 <= coverage <= 1
+    assert "clean held-out Dice grey" in printed and "Test true Dice (all runs): mean" in printed
+    for figure in ("real anatomy: estimator MAE / best calibrated baseline MAE", "real anatomy: estimator r",
+                   "real anatomy: interval coverage, distance from nominal 0.9"):
+        assert figure in printed
+
+
+def test_degraded_slices_are_graded():
+    bench_quality = load_benchmark()
+    image = np.random.default_rng(0).uniform(0, 1, (16, 16))
+    for degradation in bench_quality.MNI_DEGRADATIONS:  # difficulty 0 leaves the slice as it is
+        clean = bench_quality.degrade_slice(image, degradation, 0.0, np.random.default_rng(1))
+        np.testing.assert_allclose(clean, image, atol=1e-12)
+    noisy = [bench_quality.degrade_slice(image, "noise", d, np.random.default_rng(1)) - image for d in (0.5, 1.0)]
+    assert noisy[1].std() == pytest.approx(2 * noisy[0].std()) and noisy[1].std() == pytest.approx(
+        bench_quality.MNI_NOISE_STD, rel=0.15)
+    blurred = bench_quality.degrade_slice(np.pad(np.ones((4, 4)), 6), "blur", 1.0, np.random.default_rng(0))
+    assert blurred.sum() == pytest.approx(16, rel=0.02) and blurred.max() < 1  # blur spreads, keeps the mass
+    with pytest.raises(ValueError, match="degradation must be one of"):
+        bench_quality.degrade_slice(image, "contrast", 0.5, np.random.default_rng(0))
+
 
 def test_flagging_precision_and_recall():
     bench_quality = load_benchmark()
@@ -81,8 +112,11 @@ def test_signals_of_an_empty_prediction_and_of_augmentations_that_agree():
     signals = bench_quality.case_signals(network, layers, [len(layers) - 3, len(layers) - 2], tta, 4, image, label)
 
     assert math.isnan(signals["mean SA"])  # no foreground prototype
-    assert signals["features"].shape == (len(layers) + 4,)  # mean SA, the SA profile, fg_prob, max_prob, volume
-    assert np.isnan(signals["features"][:-2]).all() and signals["features"][-1] == 0  # all undefined, volume 0
+    # mean SA, the SA profile, fg_prob, max_prob, volume, entropy, boundary_margin
+    features = signals["features"]
+    assert features.shape == (len(layers) + 6,)
+    assert np.isnan(features[:len(layers) + 2]).all() and features[len(layers) + 3] == 0  # SA, fg_prob; volume 0
+    assert np.isnan(features[-1])  # no boundary
     assert signals["confidence"] == pytest.approx(1 - 1 / (1 + math.exp(10)), abs=1e-6)
     assert signals["true Dice"] == 0
     assert signals["TTA, 1/(1+vvc)"] == 1.0  # four equal volumes: vvc 0

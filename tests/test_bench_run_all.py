@@ -21,7 +21,7 @@ from benchmarks.results import Check, Table, number
 TITLES = {
     "core": "SA against the naive formulation (issue 2)",
     "validation": "Validation with and without SAScoreHandler (issue 3)",
-    "quality": "Quality estimate without ground truth (issues 3 and 6)",
+    "quality": "Quality estimate without ground truth (issues 3, 6 and 18)",
     "scaling": "Scaling with volume size and probed layers",
     "attribution": "Attribution methods and ProtoSeg maps compared",
     "zoo": "The drop-in handlers on the model zoo's spleen evaluation (issue 15)",
@@ -118,7 +118,10 @@ def test_each_section_names_its_command_and_has_its_tables(quick_run):
         "quality": [["signal", "test n", "Pearson r", "MAE", "common n", "r (common)", "MAE (common)", "val r",
                      "val LOO MAE"], ["signal", "noise", "blur", "bias", "contrast"],
                     ["method", "test n", "r (estimate)", "MAE", "flag precision", "flag recall", "val CV r",
-                     "val CV MAE"]],
+                     "val CV MAE"],
+                    ["method", "val nested CV r", "val nested CV MAE", "test r", "test MAE", "coverage", "mean width",
+                     "flag precision (estimate)", "flag recall (estimate)", "flag precision (upper)",
+                     "flag recall (upper)", "chosen set per run"]],
         "scaling": [["size", "voxels", "features (MiB)", "layer-wise (s)", "layer-wise (ns/voxel)",
                      "layer-wise peak (MiB)", "unit-wise (s)", "unit-wise (ns/voxel)", "unit-wise peak (MiB)"],
                     ["layers", "units", "layer-wise (s)", "layer-wise (ms/layer)", "layer-wise peak (MiB)",
@@ -163,7 +166,7 @@ def test_figures_follow_from_the_measurements(quick_run):
         assert check["figure"] == f"{row['inferer']}: with SA / plain time"
         assert_quotient(check["value"], row["with SA (s)"], row["plain (s)"])
 
-    scores, _, methods, quality_checks = tables(found[TITLES["quality"]])
+    scores, _, methods, real, quality_checks = tables(found[TITLES["quality"]])
     *signals, no_signal = scores
     for row, check in zip(signals, quality_checks[:len(signals)], strict=True):
         assert check["figure"] == f"{row['signal']}: MAE / MAE of no signal"
@@ -171,7 +174,7 @@ def test_figures_follow_from_the_measurements(quick_run):
     # the chosen estimator against the best calibrated single-signal baseline, in r and in MAE
     baselines = {row["method"]: row for row in methods if not row["method"].startswith("estimator")}
     [chosen] = [row for row in methods if row["method"].startswith("estimator: chosen by CV")]
-    r_check, mae_check = quality_checks[len(signals):]
+    r_check, mae_check = quality_checks[len(signals):len(signals) + 2]
     best_r = max(baselines, key=lambda name: float(baselines[name]["r (estimate)"]))
     best_mae = min(baselines, key=lambda name: float(baselines[name]["MAE"]))
     assert r_check["figure"] == f"estimator r - best baseline r ({best_r})"
@@ -179,6 +182,21 @@ def test_figures_follow_from_the_measurements(quick_run):
         float(chosen["r (estimate)"]) - float(baselines[best_r]["r (estimate)"]), abs=2e-3)
     assert mae_check["figure"] == f"estimator MAE / best baseline MAE ({best_mae})"
     assert_quotient(mae_check["value"], chosen["MAE"], baselines[best_mae]["MAE"])
+    # real anatomy: the handler-default estimator against the best calibrated baseline, its r, coverage and TTA
+    real_rows = {row["method"]: row for row in real}
+    defaults = real_rows["estimator, handler defaults"]
+    real_baselines = {name: row for name, row in real_rows.items() if name.startswith("baseline:")}
+    best_real = min(real_baselines, key=lambda name: float(real_baselines[name]["test MAE"]))
+    real_mae, real_r, coverage, *tta_checks = quality_checks[len(signals) + 2:]
+    assert real_mae["figure"] == f"real anatomy: estimator MAE / best calibrated baseline MAE ({best_real})"
+    assert_quotient(real_mae["value"], defaults["test MAE"], real_baselines[best_real]["test MAE"])
+    assert float(real_r["value"]) == pytest.approx(float(defaults["test r"]), abs=2e-3)
+    assert float(coverage["value"]) == pytest.approx(abs(float(defaults["coverage"]) - 0.9), abs=2e-3)
+    tta_rows = [name for name in real_rows if name.startswith("estimator, tta_flip")]
+    assert [check["figure"] for check in tta_checks] == [
+        f"real anatomy: MAE {name.removeprefix('estimator, ')} / without TTA" for name in tta_rows]
+    for check, name in zip(tta_checks, tta_rows, strict=True):
+        assert_quotient(check["value"], real_rows[name]["test MAE"], defaults["test MAE"])
 
     volumes, layers, scaling_checks = tables(found[TITLES["scaling"]])
     voxels = [int(row["voxels"]) for row in volumes]

@@ -32,6 +32,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUNDLES = sorted(path.name for path in (ROOT / "bundles").iterdir()
                  if (path / "configs" / "metadata.json").is_file() and path.name != "coin_weak_protoseg")
 LAYERS = ["model.0", "model.1.submodule", "model.2"]
+DEMO_ALIASES = ["encoder.1", "encoder.2", "encoder.3", "bottleneck", "decoder.2", "decoder.1", "output"]
+"""The aliases of the demo bundle's 4-level UNet's candidate layers, encoder to decoder."""
 CLASSES = ["tumour", "<edema & core>"]  # the second needs escaping in HTML
 
 
@@ -116,19 +118,22 @@ def test_report_writes_one_self_contained_html_page(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     out = tmp_path / "report"
     assert str(out / "report.html") in capsys.readouterr().out
-    assert sorted(path.name for path in out.iterdir()) == [
-        "layer_sa.png", "quality.png", "report.html", "report.md", "unit_sa.png"]
+    assert sorted(path.name for path in out.iterdir()) == [  # both quality CSVs have true and estimated Dice
+        "inference_estimate.png", "layer_sa.png", "quality.png", "quality_estimate.png", "report.html", "report.md",
+        "unit_sa.png"]
     source = (out / "report.html").read_text(encoding="utf-8")
     page = Page(source)
     assert page.doctype == "DOCTYPE html" and not page.open and not page.mismatched
     assert {"html", "head", "meta", "title", "body", "h1", "table", "img"} <= page.tags
     assert not page.tags & {"script", "link", "iframe", "object"}
-    assert len(page.references) == 3 and all(reference.startswith("data:image/png;base64,")
+    assert len(page.references) == 5 and all(reference.startswith("data:image/png;base64,")
                                               for reference in page.references)
     assert '<html lang="en">' in source and '<meta charset="utf-8">' in source
 
     # figures: embedded PNGs, the same bytes as the files beside the report
-    assert [image["alt"] for image in page.images] == ["layer-wise SA", "unit-wise SA", "mean SA vs true Dice"]
+    assert [image["alt"] for image in page.images] == ["layer-wise SA", "unit-wise SA", "mean SA vs true Dice",
+                                                       "estimated vs true Dice, validation",
+                                                       "estimated vs true Dice, held-out cases"]
     prefix = "data:image/png;base64,"
     png = base64.b64decode(page.images[0]["src"][len(prefix):], validate=True)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
@@ -224,15 +229,15 @@ def test_report_errors_are_one_line(tmp_path, capsys, case, expected):
         assert "sa_layers.csv" in line
 
 
-def run_layers(capsys, *args: str) -> tuple[str, list[tuple[str, str, str, str]]]:
-    """The header line and the table rows (name, type, output shape, marks) ``layers`` prints."""
+def run_layers(capsys, *args: str) -> tuple[str, list[tuple[str, str, str, str, str]]]:
+    """The header line and the table rows (name, type, output shape, marks, alias) ``layers`` prints."""
     assert main(["layers", *args]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert re.split(r"\s{2,}", lines[1]) == ["layer", "type", "output shape", "probe"]
+    assert re.split(r"\s{2,}", lines[1]) == ["layer", "type", "output shape", "probe", "alias"]
     rows = []
     for line in lines[2:lines.index("")]:
         cells = re.split(r"\s{2,}", line.strip())
-        rows.append((*cells, "") if len(cells) == 3 else tuple(cells))
+        rows.append((*cells, "", "") if len(cells) == 3 else tuple(cells))
     return lines[0], rows
 
 
@@ -262,15 +267,16 @@ def test_layers_of_the_demo_bundle(capsys):
 
     header, rows = run_layers(capsys, str(bundle))
     assert f"input {tuple(sample.shape)} -> output {tuple(network(sample).shape)}" in header
-    listed = {name: (kind, shape, marks) for name, kind, shape, marks in rows}
+    listed = {name: (kind, shape, marks, alias) for name, kind, shape, marks, alias in rows}
     candidates, quality = candidate_layers(network), last_decoder_layers(network)
     for name in candidates:
-        kind, shape, marks = listed[name]
+        kind, shape, marks, _ = listed[name]
         assert shape == str(expected[name]) and kind == type(network.get_submodule(name)).__name__
         assert marks == ("SA, quality" if name in quality else "SA")
-    for name, (_, shape, marks) in listed.items():
+    for name, (_, shape, marks, alias) in listed.items():
         assert shape == str(expected[name])
-        assert marks == "" or name in candidates
+        assert marks == alias == "" or name in candidates
+    assert [listed[name][3] for name in candidates] == DEMO_ALIASES
     assert [name for name in listed if name in candidates] == candidates  # encoder to decoder order
 
     _, every = run_layers(capsys, str(bundle), "--all")
@@ -283,7 +289,7 @@ def test_layers_of_every_bundle(capsys, bundle):
     parser = ConfigParser()
     parser.read_config(ROOT / "bundles" / bundle / "configs" / "inference.json")
     network = parser.get_parsed_content("network_def")
-    marks = {name: mark for name, _, _, mark in rows}
+    marks = {name: mark for name, _, _, mark, _ in rows}
     assert all(marks[name].startswith("SA") for name in candidate_layers(network))
     assert [name for name, mark in marks.items() if "quality" in mark] == last_decoder_layers(network)
 

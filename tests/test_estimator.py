@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import monai_protoseg
+from monai_protoseg.conformal import conformal_halfwidth
 from monai_protoseg.estimator import (
     ALPHAS,
     ESTIMATOR_FORMAT,
@@ -18,11 +19,12 @@ from monai_protoseg.estimator import (
     default_feature_sets,
     feature_names,
     group_folds,
+    prototype_margins,
     quality_features,
 )
 
 LAYERS = ["enc", "mid", "dec"]
-NAMES = feature_names(LAYERS)  # mean_sa, sa_enc, sa_mid, sa_dec, fg_prob, max_prob, volume
+NAMES = feature_names(LAYERS)[:7]  # mean_sa, sa_enc, sa_mid, sa_dec, fg_prob, max_prob, volume
 
 
 def validation_rows(n: int = 60, per_case: int = 2, seed: int = 0, noise: float = 0.05):
@@ -164,9 +166,9 @@ def test_rows_with_an_undefined_feature_or_dice_are_left_out_and_counted():
 @pytest.mark.parametrize(
     "rows, undefined, groups, match",
     [
-        (9, 0, None, r"on 9 valid row\(s\) from 9 case\(s\) \(0 of 9 excluded .*at least 10 rows from 3 cases"),
-        (12, 0, [0] * 6 + [1] * 6, r"on 12 valid row\(s\) from 2 case\(s\)"),
-        (11, 2, None, r"on 9 valid row\(s\) from 9 case\(s\) \(2 of 11 excluded because a feature or the true Dice"),
+        (9, 0, None, r"on 9 valid row\(s\) from 9 group\(s\) \(0 of 9 excluded .*at least 10 rows from 3 groups"),
+        (12, 0, [0] * 6 + [1] * 6, r"on 12 valid row\(s\) from 2 group\(s\)"),
+        (11, 2, None, r"on 9 valid row\(s\) from 9 group\(s\) \(2 of 11 excluded because a feature or the true Dice"),
     ],
 )
 def test_too_few_cases_is_an_error_that_says_why(rows, undefined, groups, match):
@@ -202,7 +204,7 @@ def test_json_round_trip_is_exact(tmp_path):
     estimator = fit(x, dice, groups)
     path = estimator.save(tmp_path / "nested" / "estimator.json")
     data = json.loads(path.read_text())
-    assert data["format"] == ESTIMATOR_FORMAT and data["version"] == 1
+    assert data["format"] == ESTIMATOR_FORMAT and data["version"] == 2
     assert data["versions"] == {"monai_protoseg": monai_protoseg.__version__, "torch": torch.__version__,
                                 "numpy": np.__version__}
     assert data["feature_names"] == NAMES and data["layers"] == LAYERS and data["mean_sa_layers"] == LAYERS[1:]
@@ -237,7 +239,7 @@ def test_loading_for_other_layers_is_an_error_that_names_both(tmp_path):
     "edit, match",
     [
         (lambda d: {**d, "format": "monai_protoseg.QualityCalibration"}, "format must be 'monai_protoseg.Quality"),
-        (lambda d: {**d, "version": 2}, "version 2 is not supported"),
+        (lambda d: {**d, "version": 3}, "version 3 is not supported"),
         (lambda d: {k: v for k, v in d.items() if k not in ("coef", "layers")}, "missing field.*layers.*coef"),
         (lambda d: {**d, "coef": d["coef"][:-1]}, "one mean, scale and coef each"),
         (lambda d: {**d, "intercept": None}, "intercept must be a finite number"),
@@ -285,14 +287,65 @@ def test_features_match_hand_computed_values_sigmoid():
     flipped = torch.tensor([[[[True, False], [True, False]], [[False, False], [False, False]]]])
     layer_sa = torch.tensor([[[0.8, math.nan], [0.6, math.nan], [0.4, math.nan]]])  # (B, L=3, K)
     rows = quality_features(prob, prediction, layer_sa, [1, 2], tta_prediction=flipped)
-    assert rows.shape == (1, 2, 8) and rows.dtype == torch.float64
-    assert feature_names(LAYERS, tta=True) == [*NAMES, "tta_disagreement"]
+    assert rows.shape == (1, 2, 10) and rows.dtype == torch.float64
+    assert feature_names(LAYERS, tta=True) == [*NAMES, "entropy", "boundary_margin", "tta_disagreement"]
+
+    def bits(p: float) -> float:
+        return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
     # class 0: mean SA of layers 1, 2; fg_prob (0.9 + 0.6) / 2; max(p, 1 - p) = 0.9, 0.6, 0.8, 0.9; volume 2 / 4;
-    # TTA: 1 overlapping pixel of 2 + 2: 1 - 2 * 1 / 4
-    np.testing.assert_allclose(rows[0, 0].numpy(), [0.5, 0.8, 0.6, 0.4, 0.75, 0.8, 0.5, 0.5], atol=1e-7)
-    # class 1: empty prediction: SA and fg_prob undefined, volume 0, both predictions empty: no disagreement
-    assert torch.isnan(rows[0, 1, :5]).all()
-    np.testing.assert_allclose(rows[0, 1, 5:].numpy(), [(0.6 + 0.7 + 0.8 + 0.9) / 4, 0, 0], atol=1e-7)
+    # entropy in bits; the top row is predicted, the bottom not: every pixel is on the boundary, margins |2p - 1|
+    # 0.8, 0.2, 0.6, 0.8; TTA: 1 overlapping pixel of 2 + 2: 1 - 2 * 1 / 4
+    entropy = (bits(0.9) + bits(0.6) + bits(0.2) + bits(0.1)) / 4
+    np.testing.assert_allclose(rows[0, 0].numpy(), [0.5, 0.8, 0.6, 0.4, 0.75, 0.8, 0.5, entropy, 0.6, 0.5], atol=1e-7)
+    # class 1: empty prediction: SA, fg_prob and the boundary margin undefined, volume 0, both predictions empty: no
+    # disagreement
+    assert torch.isnan(rows[0, 1, :5]).all() and torch.isnan(rows[0, 1, 8])
+    entropy = (bits(0.4) + bits(0.3) + bits(0.2) + bits(0.1)) / 4
+    np.testing.assert_allclose(rows[0, 1, [5, 6, 7, 9]].numpy(), [(0.6 + 0.7 + 0.8 + 0.9) / 4, 0, entropy, 0],
+                               atol=1e-7)
+
+
+def test_boundary_margin_counts_both_sides_of_every_edge_and_only_those():
+    prob = torch.full((1, 1, 4, 4), 0.1)
+    prob[..., 1:3, 1:3] = torch.tensor([[0.9, 0.7], [0.6, 0.8]])  # a 2 x 2 prediction in the middle
+    prob[..., 0, 0] = 0.45  # a corner pixel: only diagonal to the prediction, not on the boundary
+    rows = quality_features(prob, prob > 0.5, torch.full((1, 1, 1), 0.5), [0])
+    # boundary: the 4 predicted pixels (margins 0.8, 0.4, 0.2, 0.6) and their 8 face neighbours outside (0.8 each)
+    assert rows[0, 0, 6].item() == pytest.approx((0.8 + 0.4 + 0.2 + 0.6 + 8 * 0.8) / 12)
+
+
+def test_prototype_margins_are_protoseg_logits_over_the_squared_prototype_distance():
+    # one channel, f = 0, 1, 2, 4, guided by 0, 0, 1, 1: c_fg 3, c_bg 0.5, z = (|f - 0.5|^2 - |f - 3|^2) / 2.5^2
+    features = torch.tensor([[[[0.0, 1.0, 2.0, 4.0]]]])
+    prob = torch.tensor([[[[0.0, 0.0, 1.0, 1.0]]]])
+    z = prototype_margins({"a": features}, prob)
+    np.testing.assert_allclose(z[0, 0, 0, 0].numpy(), [-1.4, -0.6, 0.2, 1.8], atol=1e-6)
+    rows = quality_features(prob, prob > 0.5, torch.full((1, 1, 1), 0.5), [0], margins=z)
+    assert feature_names(LAYERS, prototype=True)[-3:] == ["proto_in", "proto_out", "proto_near"]
+    # proto_in: mean |z| of the predicted pixels, proto_out: of the others, proto_near: |z| < 0.5 on 1 pixel of 4
+    np.testing.assert_allclose(rows[0, 0, -3:].numpy(), [1.0, 1.0, 0.25], atol=1e-6)
+
+
+def test_prototype_margins_match_features_resized_first_with_soft_prototypes():
+    generator = torch.Generator().manual_seed(0)
+    features = {"low": torch.randn(2, 3, 4, 4, generator=generator),
+                "full": torch.randn(2, 5, 8, 8, generator=generator)}
+    prob = torch.rand(2, 2, 8, 8, generator=generator)
+    z = prototype_margins(features, prob)
+    assert z.shape == (2, 2, 2, 8, 8)
+    for l, f in enumerate(features.values()):  # oracle: resize, soft-weighted means, squared distances
+        f = torch.nn.functional.interpolate(f.double(), size=(8, 8), mode="bilinear", align_corners=False)
+        for k in range(2):
+            w = prob[:, k:k + 1].double()
+            fg = (w * f).sum((2, 3)) / w.sum((2, 3))
+            bg = ((1 - w) * f).sum((2, 3)) / (1 - w).sum((2, 3))
+            logit = ((f - bg[..., None, None]) ** 2).sum(1) - ((f - fg[..., None, None]) ** 2).sum(1)
+            expected = logit / ((fg - bg) ** 2).sum(1)[:, None, None]
+            np.testing.assert_allclose(z[:, l, k].numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    # no foreground: the prototype does not exist, z is NaN, and so are the prototype features
+    empty = prototype_margins({"a": features["full"]}, torch.zeros(2, 1, 8, 8))
+    assert empty.isnan().all()
 
 
 def test_features_match_hand_computed_values_softmax():
@@ -304,7 +357,7 @@ def test_features_match_hand_computed_values_softmax():
     top = channel_prob.amax(1).mean().item()  # mean over pixels of the max over all channels, for every class
     e = math.e
     assert top == pytest.approx((e**2 / (e**2 + 2) + e / (e + 2) + e**3 / (e**3 + 2)) / 3, rel=1e-6)
-    assert rows.shape == (1, 2, 5)  # mean_sa, one layer's SA, fg_prob, max_prob, volume
+    assert rows.shape == (1, 2, 7)  # mean_sa, one layer's SA, fg_prob, max_prob, volume, entropy, boundary_margin
     np.testing.assert_allclose(rows[0, :, 2].numpy(), [e / (e + 2), e**3 / (e**3 + 2)], rtol=1e-6)  # fg_prob
     np.testing.assert_allclose(rows[0, :, 3].numpy(), [top, top], rtol=1e-6)
     np.testing.assert_allclose(rows[0, :, 4].numpy(), [1 / 3, 1 / 3])  # volume
@@ -318,6 +371,7 @@ def test_features_match_hand_computed_values_softmax():
         ({"mean_sa_layers": [3]}, r"indices in \[0, 3\)"),
         ({"channel_prob": torch.ones(2, 2, 4, 5)}, "channel_prob must be"),
         ({"tta_prediction": torch.ones(2, 2, 4, 4)}, "tta_prediction must be"),
+        ({"margins": torch.ones(2, 1, 4, 4)}, "margins must be"),
     ],
 )
 def test_feature_inputs_are_checked(kwargs, match):
@@ -331,6 +385,129 @@ def test_feature_inputs_are_checked(kwargs, match):
 def test_cv_table_lists_every_set_and_marks_the_chosen_one():
     estimator = fit(*validation_rows())
     lines = estimator.cv_table().splitlines()
-    assert len(lines) == 5 and "CV r" in lines[0] and "CV MAE" in lines[0]
-    assert [line[2:].split()[0] for line in lines[1:]] == list(estimator.feature_sets)
-    assert [line.startswith("*") for line in lines[1:]] == [name == estimator.chosen for name in estimator.feature_sets]
+    assert len(lines) == 6 and "CV r" in lines[0] and "CV MAE" in lines[0]
+    assert [line[2:].split()[0] for line in lines[1:-1]] == list(estimator.feature_sets)
+    assert [line.startswith("*") for line in lines[1:-1]] == [name == estimator.chosen for name in estimator.feature_sets]
+    assert lines[-1].split()[:4] == ["nested", "CV", f"{estimator.nested_r:.3f}", f"{estimator.nested_mae:.3f}"]
+
+
+# issue 18: nested cross-validation, selection rule, target transform, conformal intervals
+
+
+def nested_by_hand(x, y, groups, sets, selection="min"):
+    """Oracle: for every outer fold, choose penalty and set by grouped CV on the other folds (explicit loops), refit
+    there by lstsq, estimate the fold."""
+    n_groups = np.unique(groups).size
+    outer = group_folds(groups, min(5, n_groups))
+    estimates = np.empty_like(y)
+    for fold in np.unique(outer):
+        test = outer == fold
+        inner = group_folds(groups[~test], min(5, np.unique(groups[~test]).size))
+        scores = {}
+        for name, columns in sets.items():
+            index = [NAMES.index(column) for column in columns]
+            alpha, mae, _ = cross_validate_by_hand(x[~test][:, index], y[~test], inner, ALPHAS)
+            fold_mae = []
+            for f in np.unique(inner):
+                mean, scale, coef, intercept = ridge_by_lstsq(x[~test][inner != f][:, index], y[~test][inner != f],
+                                                              alpha)
+                held = np.clip(intercept + (x[~test][inner == f][:, index] - mean) / scale @ coef, 0, 1)
+                fold_mae.append(np.abs(held - y[~test][inner == f]).mean())
+            scores[name] = (alpha, mae, np.std(fold_mae, ddof=1) / math.sqrt(len(fold_mae)), index)
+        best = min(scores, key=lambda name: scores[name][1])
+        if selection == "one_se":
+            within = [name for name in scores if scores[name][1] <= scores[best][1] + scores[best][2]]
+            best = min(within, key=lambda name: len(scores[name][3]))
+        alpha, _, _, index = scores[best]
+        mean, scale, coef, intercept = ridge_by_lstsq(x[~test][:, index], y[~test], alpha)
+        estimates[test] = np.clip(intercept + (x[test][:, index] - mean) / scale @ coef, 0, 1)
+    return estimates
+
+
+@pytest.mark.parametrize("selection", ["min", "one_se"])
+def test_nested_cv_matches_a_hand_written_loop(selection):
+    x, dice, groups = validation_rows(n=40, per_case=2, seed=3, noise=0.08)
+    estimator = fit(x, dice, groups, selection=selection)
+    expected = nested_by_hand(x, dice, groups, default_feature_sets(NAMES), selection)
+    np.testing.assert_allclose(estimator.residuals, np.abs(expected - dice), atol=1e-9)
+    assert estimator.nested_mae == pytest.approx(np.abs(expected - dice).mean(), abs=1e-12)
+    assert estimator.nested_r == pytest.approx(np.corrcoef(expected, dice)[0, 1], abs=1e-9)
+    # the nested figure is honest: not better than the chosen set's own (selection-biased) CV figure here
+    assert estimator.nested_mae >= estimator.feature_sets[estimator.chosen].cv_mae - 0.02
+
+
+def test_one_se_rule_picks_the_fewest_features_within_one_standard_error():
+    x, dice, groups = validation_rows(n=60, seed=5, noise=0.15)
+    minimum = fit(x, dice, groups, selection="min", nested=False)
+    one_se = fit(x, dice, groups, selection="one_se", nested=False)
+    scores = one_se.feature_sets
+    best = min(scores, key=lambda name: scores[name].cv_mae)
+    assert minimum.chosen == best
+    within = [name for name in scores if scores[name].cv_mae <= scores[best].cv_mae + scores[best].cv_mae_se]
+    assert one_se.chosen == min(within, key=lambda name: len(scores[name].features))
+    assert all(score.cv_mae_se > 0 for score in scores.values())
+    assert math.isnan(one_se.nested_mae) and one_se.residuals == ()  # nested=False
+
+
+def test_logit_target_fits_the_logit_and_predicts_its_sigmoid():
+    x, dice, groups = validation_rows()
+    estimator = fit(x, dice, groups, target="logit", feature_sets={"all": NAMES}, alphas=[0.5], nested=False)
+    clipped = np.clip(dice, 0.01, 0.99)
+    mean, scale, coef, intercept = ridge_by_lstsq(x, np.log(clipped / (1 - clipped)), 0.5)
+    np.testing.assert_allclose(estimator.coef, coef, rtol=1e-9, atol=1e-12)
+    expected = 1 / (1 + np.exp(-(intercept + (x - mean) / scale @ coef)))
+    np.testing.assert_allclose(estimator.predict(x), expected, rtol=1e-12)
+    assert QualityEstimator.from_dict(json.loads(json.dumps(estimator.to_dict()))).to_dict() == estimator.to_dict()
+
+
+@pytest.mark.parametrize("n, coverage", [(1, 0.5), (9, 0.9), (10, 0.9), (37, 0.8), (200, 0.95), (19, 0.95)])
+def test_conformal_half_width_matches_the_definition_by_direct_search(n, coverage):
+    residuals = np.random.default_rng(n).normal(0, 0.1, n)
+    values = np.abs(residuals)
+    # definition: the smallest residual q with #{r <= q} >= (n + 1) * coverage; none: infinite
+    candidates = [q for q in sorted(values) if (values <= q).sum() >= (n + 1) * coverage - 1e-12]
+    expected = candidates[0] if candidates else math.inf
+    assert conformal_halfwidth(residuals, coverage) == expected
+    assert conformal_halfwidth(np.append(residuals, np.nan), coverage) == expected  # NaN ignored
+
+
+def test_conformal_half_width_bad_coverage_is_an_error():
+    for coverage in (0, 1, 1.5, True):
+        with pytest.raises(ValueError, match="coverage must be a number in"):
+            conformal_halfwidth([0.1, 0.2], coverage)
+
+
+def test_intervals_per_class_use_their_own_residuals_else_the_pooled_ones():
+    x, dice, groups = validation_rows(n=80, seed=2)
+    classes = np.where(np.arange(80) % 2 == 0, "grey", "white")
+    estimator = fit(x, dice, groups, classes=classes)
+    residuals = np.array(estimator.residuals)
+    assert estimator.residual_classes == tuple(classes)
+    estimate = np.array([0.5, 0.5, 0.5])
+    low, high = estimator.interval(estimate, 0.9, np.array(["grey", "white", "csf"]))
+    grey = conformal_halfwidth(residuals[classes == "grey"], 0.9)
+    white = conformal_halfwidth(residuals[classes == "white"], 0.9)
+    pooled = conformal_halfwidth(residuals, 0.9)
+    np.testing.assert_allclose(high - estimate, [grey, white, pooled])  # an unknown class: the pooled width
+    np.testing.assert_allclose(estimate - low, [grey, white, pooled])
+    low, high = estimator.interval(np.array([0.02, np.nan]), 0.9)
+    assert low[0] == 0 and high[0] == pytest.approx(0.02 + pooled) and np.isnan(low[1]) and np.isnan(high[1])
+
+
+def test_a_version_1_file_loads_without_intervals():
+    data = fit(*validation_rows()).to_dict()
+    for name in ("selection", "target", "nested_r", "nested_mae", "residuals", "residual_classes", "tta_axes"):
+        data.pop(name)
+    for score in data["feature_sets"].values():
+        score.pop("cv_mae_se")
+    data["version"] = 1
+    estimator = QualityEstimator.from_dict(data)
+    assert estimator.selection == "min" and math.isnan(estimator.nested_mae)
+    low, high = estimator.interval(np.array([0.5]), 0.9)
+    assert np.isnan(low).all() and np.isnan(high).all()
+
+
+def test_three_groups_give_three_folds_and_nested_cv_still_runs():
+    x, dice, _ = validation_rows(n=30)
+    estimator = fit(x, dice, np.arange(30) % 3)
+    assert estimator.n_folds == 3 and math.isfinite(estimator.nested_mae) and len(estimator.residuals) == 30

@@ -3,8 +3,10 @@ sections, errors naming the file."""
 
 from __future__ import annotations
 
+import ast
 import html
 import math
+import pathlib
 import re
 
 import numpy as np
@@ -12,25 +14,18 @@ import torch
 import pytest
 
 from monai_protoseg import QualityCalibration, report
-from monai_protoseg.io import atomic_write_csv
-from monai_protoseg.report import (
-    BulletList,
-    Paragraph,
-    PNGImage,
-    RunFiles,
-    Section,
-    build_sections,
-    layer_table,
+from monai_protoseg.handlers.quality_report import plot_estimates, plot_quality, read_quality
+from monai_protoseg.handlers.sa_report import (
+    layer_sa_table,
     plot_layer_sa,
-    plot_quality,
     plot_unit_sa,
     read_layer_scores,
-    read_quality,
     read_unit_scores,
-    render_html,
-    render_markdown,
-    write_report,
 )
+from monai_protoseg.io import atomic_write_csv
+from monai_protoseg.layer_names import write_layer_names
+from monai_protoseg.report import build_sections, render_html, render_markdown, write_report
+from monai_protoseg.sections import BulletList, Paragraph, PNGImage, RunFiles, Section
 
 LAYERS = ["enc", "mid", "dec"]
 
@@ -67,13 +62,17 @@ def test_layer_table_numbers_match_numpy(tmp_path):
     write_run(tmp_path)
     scores = read_layer_scores(tmp_path / "sa_layers.csv")
     assert scores.layers == LAYERS and scores.class_names() == ["pz", "tz"]
-    table = layer_table(scores)
+    table = layer_sa_table(scores)
     tz_mid = scores.of_class("tz")[:, 1]
     defined = tz_mid[~np.isnan(tz_mid)]
     q25, q75 = np.percentile(defined, [25, 75])
-    expected = f"| `mid` | tz | {defined.mean():.3f} | {np.median(defined):.3f} | {q25:.3f}-{q75:.3f} | 1 |"
-    assert expected in table.splitlines()
-    assert len(table.splitlines()) == 2 + len(LAYERS) * 2
+    expected = ["`mid`", "tz", f"{defined.mean():.3f}", f"{np.median(defined):.3f}", f"{q25:.3f}-{q75:.3f}", "1"]
+    assert expected in table.rows and len(table.rows) == len(LAYERS) * 2
+    assert table.header == ["layer", "class", "mean SA", "median", "25-75%", "undefined"]
+    with_names = layer_sa_table(scores, {"enc": "model.0", "mid": "model.1.submodule"})  # dec: not in the file
+    assert with_names.header[:3] == ["layer", "qualified name", "class"] and len(with_names.right) == 7
+    assert ["`mid`", "`model.1.submodule`", *expected[1:]] in with_names.rows
+    assert [row[:2] for row in with_names.rows[-2:]] == [["`dec`", "-"], ["`dec`", "-"]]
 
 
 def test_figures_draw_one_line_per_class_and_layer(tmp_path):
@@ -147,7 +146,7 @@ def test_markdown_and_html_render_the_same_sections(tmp_path):
     sections = build_sections(RunFiles(tmp_path))
     assert [section.title for section in sections] == [
         "Summary", "Layer-wise segmentation ability (validation, against the ground truth)",
-        "Unit-wise segmentation ability", "Quality estimate: mean SA against true Dice (validation)",
+        "Unit-wise segmentation ability", "Quality estimate (validation, against the ground truth)",
         "Inference: estimated quality without ground truth"]
     findings = sections[0].blocks[0].items
     assert findings == [line for section in sections[1:] for line in section.summary] and len(findings) == 5
@@ -173,7 +172,7 @@ def test_a_new_section_is_one_more_builder(tmp_path, monkeypatch):
     assert text.endswith("## Prototype maps\n\nMaps & more.\n\n- `a`\n\n![maps](maps.png)\n")
     assert "- 2 maps of `dec` <drawn>." in text
     assert "<li>2 maps of <code>dec</code> &lt;drawn&gt;.</li>" in page and "<h2>Prototype maps</h2>" in page
-    assert "<p>Maps &amp; more.</p>" in page and page.count("data:image/png;base64,") == 3
+    assert "<p>Maps &amp; more.</p>" in page and page.count("data:image/png;base64,") == 4  # + SA, quality (2)
     assert (markdown.parent / "maps.png").read_bytes() == png
 
 
@@ -194,7 +193,7 @@ def test_prototype_map_snapshots_become_a_section_with_one_figure(tmp_path):
     assert "![prototype maps](prototype_maps.png)" in text
     assert (report.parent / "prototype_maps.png").read_bytes()[:4] == b"\x89PNG"
     page = (report.parent / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3  # layer-wise, prototype maps, quality
+    assert page.count("data:image/png;base64,") == 4  # layer-wise, prototype maps, quality (mean SA, estimate)
 
 
 def test_attribution_results_become_a_section_with_their_table_and_figure(tmp_path):
@@ -224,4 +223,135 @@ def test_attribution_results_become_a_section_with_their_table_and_figure(tmp_pa
     text = report.read_text()
     assert "## Attribution methods compared" in text and "![attribution maps](attribution_maps.png)" in text
     assert (report.parent / "attribution_maps.png").read_bytes() == png
-    assert report.with_name("report.html").read_text().count("data:image/png;base64,") == 3  # layer SA, maps, quality
+    assert report.with_name("report.html").read_text().count("data:image/png;base64,") == 4  # SA, 2 quality, maps
+
+
+def test_quality_section_shows_the_estimate_against_the_true_dice_with_its_interval(tmp_path):
+    write_run(tmp_path, units=False)
+    true_dice = [0.9, 0.5, 0.7, 0.2]
+    estimate, low, high = [0.85, 0.6, 0.7, 0.35], [0.75, 0.55, 0.6, 0.3], [0.95, 0.7, 0.8, 0.4]  # 2nd, 4th miss
+    columns = ["case", "class", "mean_sa", "true_dice", "estimated_dice", "estimate_low", "estimate_high", "review",
+               "note"]
+    atomic_write_csv(tmp_path / "quality.csv", columns, [
+        [f"t{i}", "pz", "0.5", true_dice[i], estimate[i], low[i], high[i], "False", "estimator (all)"]
+        for i in range(4)])
+    atomic_write_csv(tmp_path / "quality_cv.csv", ["feature_set", "features", "n_rows", "cv_r", "cv_mae", "chosen"],
+                     [["mean_sa", "mean_sa", "12", "0.61234", "0.1", "False"],
+                      ["sa_profile", "sa_model.0 sa_model.2", "12", "0.8", "0.05", "True"]])
+    write_layer_names(tmp_path, {"model.0": "enc", "model.2": "dec"})
+    rows = read_quality(tmp_path / "quality.csv")
+    np.testing.assert_array_equal(rows.estimate_low, low)
+    assert read_quality(tmp_path / "quality_validation.csv").estimate_low is None  # an older file: no interval
+
+    figure = plot_estimates(rows, "Held-out cases: estimated vs true Dice")
+    title = figure.axes[0].get_title()
+    mae = np.abs(np.subtract(estimate, true_dice)).mean()
+    assert f"(4 case-class pairs)\nMAE {mae:.3f}, interval holds the true Dice in 2 of 4" in title
+    bars = figure.axes[0].containers[0]  # one errorbar container per class
+    segments = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([segment[:, 1] for segment in segments], np.stack([low, high], axis=1))
+
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert "![estimated vs true Dice, held-out cases](inference_estimate.png)" in text
+    assert "![estimated vs true Dice, validation](quality_estimate.png)" in text
+    assert "| feature_set | features | n_rows | cv_r | cv_mae | chosen |" in text
+    assert "| sa_profile | sa_enc, sa_dec | 12 | 0.800 | 0.050 | True |" in text  # features named by alias
+    assert "| mean_sa | mean_sa | 12 | 0.612 | 0.100 | False |" in text
+    for name in ("quality.png", "quality_estimate.png", "inference_estimate.png"):
+        assert (report.parent / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layer_section_names_each_alias_and_its_qualified_name(tmp_path):
+    write_run(tmp_path, units=False, inference=False)
+    write_layer_names(tmp_path, {"model.0": "enc", "model.1.submodule": "mid", "model.2": "dec"})
+    text = write_report(tmp_path).read_text()
+    lines = text.splitlines()
+    assert "| layer | qualified name | class | mean SA | median | 25-75% | undefined |" in lines
+    assert sum(line.startswith("| `mid` | `model.1.submodule` | ") for line in lines) == 2  # one row per class
+    assert "`layer_names.csv` pairs them." in text
+
+
+def test_report_is_a_renderer_that_no_part_imports():
+    """report imports the parts' section builders; no part imports report, and figures and sections (what every part
+    builds with) import nothing of the package but io, so no import cycle runs through the report."""
+    graph = import_graph()
+    assert [name for name, imports in graph.items() if "monai_protoseg.report" in imports] == ["monai_protoseg.cli"]
+    for low in ("monai_protoseg.figures", "monai_protoseg.sections"):
+        assert graph[low] <= {"monai_protoseg.io"}
+    parts: dict[str, set[str]] = {}
+    for name, imports in graph.items():
+        parts.setdefault(part_of(name), set()).update(
+            part_of(other) for other in imports if part_of(other) != part_of(name))
+    cycles = [component for component in strongly_connected(parts) if len(component) > 1]
+    assert not [component for component in cycles
+                if component & {"report", "figures", "sections", "weak", "attribution", "maps", "layer_names"}]
+    assert {builder.__module__ for builder in report.SECTIONS} == {
+        "monai_protoseg.handlers.sa_report", "monai_protoseg.maps", "monai_protoseg.handlers.quality_report",
+        "monai_protoseg.attribution.report", "monai_protoseg.weak.report"}
+
+
+PACKAGE = pathlib.Path(report.__file__).parent
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: the package's modules it imports}``, function-level imports included, from the source."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        imports = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                for alias in node.names:
+                    imports.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+            elif isinstance(node, ast.Import):
+                imports.update(alias.name for alias in node.names)
+        graph[name] = {other for other in imports if other in modules}
+    return graph
+
+
+def part_of(module: str) -> str:
+    """``monai_protoseg.weak.report`` -> ``weak``; the package itself -> ``__init__``."""
+    return module.split(".")[1] if "." in module else "__init__"
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of ``graph`` (Kosaraju)."""
+    order, seen = [], set()
+
+    def visit(node: str, edges: dict[str, set[str]], out: list[str]) -> None:
+        stack = [(node, iter(edges.get(node, ())))]
+        seen.add(node)
+        while stack:
+            current, children = stack[-1]
+            child = next((c for c in children if c not in seen), None)
+            if child is None:
+                stack.pop()
+                out.append(current)
+            else:
+                seen.add(child)
+                stack.append((child, iter(edges.get(child, ()))))
+
+    nodes = set(graph) | {other for edges in graph.values() for other in edges}
+    for node in nodes:
+        if node not in seen:
+            visit(node, graph, order)
+    reverse: dict[str, set[str]] = {}
+    for node, edges in graph.items():
+        for other in edges:
+            reverse.setdefault(other, set()).add(node)
+    seen.clear()
+    components = []
+    for node in reversed(order):
+        if node not in seen:
+            component: list[str] = []
+            visit(node, reverse, component)
+            components.append(set(component))
+    return components
+

@@ -42,6 +42,9 @@ def run_both(window: SlidingWindowInferer, network: nn.Module, inputs: torch.Ten
         assert torch.equal(stitch(inputs, network), plain)
         assert torch.equal(stream(inputs, network), plain)  # the wrapped inferer's prediction, bit for bit
     assert not stitch.streamed and stream.streamed and stream.features == {}
+    # the output layer's logits come from the prediction itself, not from blended windows (one full-size buffer less)
+    if layers == UNET_LAYERS:
+        assert stream._source.output_layers == {"model.2"}
     return stitch, stream, plain
 
 
@@ -138,6 +141,7 @@ def test_streamed_float32_within_1e4_of_exact_far_from_the_origin():
     window = SlidingWindowInferer(roi_size=(16, 16), overlap=0.5, sw_batch_size=3, mode="gaussian")
     inputs = image((2, 1, 40, 32), torch.float32)
     _, stream, _ = run_both(window, network, inputs, layers)
+    assert stream._source.output_layers == {"5"}  # the last module's output is the network's
     exact, _, _ = run_both(window, copy.deepcopy(network).double(), inputs.double(), layers)
     prob, mask, targets = guide(torch.cat([inputs, 1 - inputs], 1) * 4, False)  # the random network's saturates
     assert_same_protoseg(exact, stream, prob, mask, targets, 1e-4, 1e-4, 1e-2)
@@ -257,3 +261,29 @@ def test_streaming_refuses_windows_off_a_layer_grid_and_non_finite_features():
         prediction = inferer(inputs, network)
     with pytest.raises(ValueError, match="layer '1': features contain NaN or Inf"):
         inferer.prototype_logits(torch.full_like(prediction[:, :1], 0.5))
+
+
+class _ShiftedOutput(nn.Module):
+    """A UNet whose last layer's output is changed in place afterwards: that layer's features are not the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unet = unet(2)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        output = self.unet(inputs)
+        return output.mul_(2).add_(0.5)
+
+
+def test_a_layer_whose_output_changes_after_it_ran_is_blended_not_taken_from_the_prediction():
+    network = _ShiftedOutput().double().eval()
+    layers = ["unet.model.0", "unet.model.2"]
+    window = SlidingWindowInferer(roi_size=(16, 16), overlap=0.5, sw_batch_size=3, mode="gaussian")
+    stitch, stream = ProtoSegInferer(window, layers), ProtoSegInferer(window, layers, mode="stream")
+    inputs = image((2, 1, 40, 12))
+    with torch.no_grad():
+        prediction = stitch(inputs, network)
+        stream(inputs, network)
+    assert stream._source.output_layers == frozenset()
+    prob, mask, targets = guide(prediction, False)
+    assert_same_protoseg(stitch, stream, prob, mask, targets, 1e-10, 1e-10, 1e-6)

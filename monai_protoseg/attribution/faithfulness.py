@@ -35,9 +35,12 @@ from .base import (
     target_score,
 )
 
-__all__ = ["prediction_preserved", "image_preserved", "masked_prediction", "deletion_insertion"]
+__all__ = ["prediction_preserved", "image_preserved", "masked_prediction", "deletion_insertion", "COLUMNS"]
 
 KINDS = ("deletion", "insertion")
+COLUMNS = ("prediction_preserved", "image_preserved", "deletion_auc", "insertion_auc")
+"""The faithfulness columns of a case or a method: Prediction Preserved, Image Preserved, deletion and insertion AUC
+(what :class:`~monai_protoseg.AttributionHandler` and ``benchmarks/bench_attribution.py`` write)."""
 
 
 def prediction_preserved(

@@ -12,15 +12,19 @@ from monai.metrics import Cumulative
 from monai.utils import CommonKeys
 
 from ..attribution.base import SegmentationAttribution
-from ..attribution.faithfulness import deletion_insertion, image_preserved, masked_prediction, prediction_preserved
+from ..attribution.faithfulness import (
+    COLUMNS,
+    deletion_insertion,
+    image_preserved,
+    masked_prediction,
+    prediction_preserved,
+)
 from ..io import atomic_write_csv, format_number
 from ..recorder import forward_hooks_suspended
 from .batch import as_batch
 from .probe import LayerProbeHandler
 
 __all__ = ["AttributionHandler"]
-
-COLUMNS = ("prediction_preserved", "image_preserved", "deletion_auc", "insertion_auc")
 
 
 class AttributionHandler(LayerProbeHandler):

@@ -17,7 +17,8 @@ from monai.utils import CommonKeys, string_list_all_gather
 from monai.utils import ImageMetaKey as Key
 from torch import nn
 
-from ..inferers import ProtoSegInferer
+from ..inferers import DEFAULT_MEMORY_BUDGET, MODES, ProtoSegInferer
+from ..layer_names import layer_aliases
 from ..protoseg import GUIDES
 from ..recorder import FeatureRecorder, layer_list, resolve_layers
 from .batch import as_batch, batch_value, check_same_grid, grid_of
@@ -64,6 +65,39 @@ class LayerProbeHandler:
             postprocessing: it must still be on the network's grid); a ``KeyError`` or ``None`` means no label.
         guide: what weights the features into prototypes: ``"soft"``, the network's probabilities (the authors'
             code), or ``"binary"``, its binarised prediction (argmax for softmax, ``> 0.5`` otherwise; the paper).
+        mode: with a ``SlidingWindowInferer``, how the layers' whole-image maps are built (see
+            :class:`~monai_protoseg.ProtoSegInferer`): ``"stitch"`` (whole-image features of every layer, channels x
+            voxels each), ``"stream"`` (two more passes over the windows, no stitched features) or ``"auto"`` (stream
+            when the stitched features would exceed ``memory_budget``). Handlers sharing the engine's sliding window
+            share its mode: ``"auto"`` gives way to another handler's ``"stitch"`` or ``"stream"``; two different
+            explicit modes are an error. Other inferers run the whole image in one forward pass: no mode applies.
+        memory_budget: bytes of stitched features above which ``mode="auto"`` streams (2 GiB by default); handlers
+            sharing the sliding window use the smallest of their budgets.
+
+    Example:
+        >>> import torch
+        >>> from monai.engines import SupervisedEvaluator
+        >>> from monai.networks.nets import UNet
+        >>> from monai_protoseg import sa_score
+        >>> from monai_protoseg.handlers import LayerProbeHandler
+        >>> class FirstLayerSA(LayerProbeHandler):  # the SA of one layer against the prediction, per batch
+        ...     def iteration_completed(self, engine):
+        ...         prob, features = self.probed_batch(engine)
+        ...         foreground = prob[:, 1:]
+        ...         self.scores.append(sa_score(features["model.0"], foreground, foreground > 0.5))
+        ...     def epoch_started(self, engine):
+        ...         super().epoch_started(engine)
+        ...         self.scores = []
+        ...     def epoch_completed(self, engine):
+        ...         engine.state.metrics["first_layer_sa"] = torch.cat(self.scores).nanmean().item()
+        >>> network = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
+        >>> image = torch.zeros(2, 1, 16, 16)
+        >>> image[..., 4:12, 4:12] = 1
+        >>> evaluator = SupervisedEvaluator(torch.device("cpu"), [{"image": image}], network,
+        ...                                 val_handlers=[FirstLayerSA(["model.0"])])
+        >>> evaluator.run()
+        >>> "first_layer_sa" in evaluator.state.metrics
+        True
     """
 
     def __init__(
@@ -77,12 +111,21 @@ class LayerProbeHandler:
         label_key: str = CommonKeys.LABEL,
         label_transform: Callable | None = None,
         guide: str = "soft",
+        mode: str = "auto",
+        memory_budget: float = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
         if guide not in GUIDES:
             raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not (
+                0 < memory_budget < float("inf")):
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
         self.guide = guide
+        self.mode = mode
+        self.memory_budget = memory_budget
         self.layers = None if layers is None else layer_list(layers)
         self.network = network
         self.activation = activation
@@ -105,6 +148,9 @@ class LayerProbeHandler:
         self._activation_resolved = False
         self.probed_network: nn.Module | None = None
         """The network probed this run (``network``, or the engine's), set when the engine starts."""
+        self.layer_aliases: dict[str, str] = {}
+        """``{layer: readable alias}`` of the probed layers (:func:`~monai_protoseg.layer_aliases`), set when the
+        engine starts: the names results, files and logs show."""
 
     def attach(self, engine: Engine, name: str | None = None) -> None:
         """Register the handler's events on ``engine`` (a second call does nothing).
@@ -144,6 +190,7 @@ class LayerProbeHandler:
         self.probed_network = network
         if self.layers is None:
             self.layers = self.default_layers(network)
+        self.layer_aliases = layer_aliases(network, self.layers)
         if hasattr(self, "scoring_request"):
             batch_scoring(engine).join(self)
         self._postprocessing = evaluator_postprocessing(engine)
@@ -151,14 +198,56 @@ class LayerProbeHandler:
         inferer = getattr(engine, "inferer", None)
         if isinstance(inferer, ProtoSegInferer) and isinstance(inferer.inferer, SlidingWindowInferer):
             resolve_layers(network, self.layers)  # another handler wraps the sliding window: share its recording
+            self._share_mode(inferer)
             inferer.layers += [layer for layer in self.layers if layer not in inferer.layers]
             self._inferer = inferer
         elif isinstance(inferer, SlidingWindowInferer):
             resolve_layers(network, self.layers)  # fail before the first window, naming the layer
             self._original_inferer = inferer
-            engine.inferer = self._inferer = ProtoSegInferer(inferer, self.layers)
+            engine.inferer = self._inferer = ProtoSegInferer(inferer, self.layers, mode=self.sliding_window_mode(),
+                                                             memory_budget=self.memory_budget)
         else:
             self._recorder = FeatureRecorder(network, [*self.layers, _OUTPUT]).__enter__()
+
+    def needs_features(self) -> bool:
+        """Whether this handler needs the layers' whole-image features (not only their maps); subclasses that do
+        (unit-wise scores) override it, and then never stream."""
+        return False
+
+    def sliding_window_mode(self) -> str:
+        """``mode``, with ``"auto"`` made ``"stitch"`` when the handler needs the features (:meth:`needs_features`).
+
+        Raises:
+            ValueError: ``mode="stream"`` but the handler needs the features.
+        """
+        if self.needs_features():
+            if self.mode == "stream":
+                raise ValueError(f"{type(self).__name__}(mode='stream') cannot give unit-wise scores: they need every "
+                                 f"channel's whole-image features, which streaming never builds. Use mode='stitch' "
+                                 f"or 'auto' (which stitches for unit-wise scores).")
+            return "stitch"
+        return self.mode
+
+    def _share_mode(self, inferer: ProtoSegInferer) -> None:
+        """Agree on the mode of a sliding window that another handler (or the user) wrapped: ``"auto"`` gives way to
+        an explicit mode, and the smallest memory budget counts.
+
+        Raises:
+            ValueError: the wrapped inferer's explicit mode is not this handler's explicit mode.
+        """
+        mode = self.sliding_window_mode()
+        if mode != inferer.mode and "auto" not in (mode, inferer.mode):
+            raise ValueError(f"{type(self).__name__} needs mode={mode!r}, but the engine's sliding window is already "
+                             f"wrapped with mode={inferer.mode!r} (by another handler or ProtoSegInferer): handlers "
+                             f"sharing a sliding window must agree; give them the same mode, or mode='auto'.")
+        if inferer.mode == "auto":
+            inferer.mode = mode
+        inferer.memory_budget = min(inferer.memory_budget, self.memory_budget)
+
+    def streamed_inferer(self) -> ProtoSegInferer | None:
+        """The engine's wrapped sliding window when its last call streamed (the layers' maps then come from its
+        :meth:`~monai_protoseg.ProtoSegInferer.prototype_logits`, not from features), else ``None``."""
+        return self._inferer if self._inferer is not None and self._inferer.streamed else None
 
     def epoch_started(self, engine: Engine) -> None:
         """Start a new accumulation; subclasses reset their metrics and call this."""
@@ -264,7 +353,8 @@ class LayerProbeHandler:
 
         Returns:
             ``prob``: ``(B, K, *S)`` float foreground probability of every output channel (``self.class_indices`` are
-            the scored ones); ``features``: ``{layer: (B, C, *S_f)}``.
+            the scored ones); ``features``: ``{layer: (B, C, *S_f)}``, empty when the sliding window streamed
+            (:meth:`streamed_inferer`).
 
         Raises:
             ValueError: the prediction does not cover the network's input (an inferer that runs the network on
@@ -272,7 +362,7 @@ class LayerProbeHandler:
         """
         if self._inferer is not None:
             logits = self._inferer.prediction
-            features = {layer: self._inferer.features[layer] for layer in self.layers}
+            features = {} if self._inferer.streamed else {layer: self._inferer.features[layer] for layer in self.layers}
         elif self._recorder is not None:
             logits = self._recorder[_OUTPUT]
             features = {layer: self._recorder[layer] for layer in self.layers}

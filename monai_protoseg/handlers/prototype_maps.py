@@ -14,6 +14,8 @@ from ignite.engine import Engine
 from monai.utils import CommonKeys
 from torch import nn
 
+from ..inferers import DEFAULT_MEMORY_BUDGET
+from ..layer_names import write_layer_names
 from ..maps import MapSnapshot, save_snapshot, take_snapshot, tile_snapshot
 from ..protoseg import prototype_map
 from .batch import as_batch, batch_value
@@ -36,7 +38,9 @@ class PrototypeMapHandler(LayerProbeHandler):
     runs them, so the same cases come back every epoch when the loader does not shuffle; once ``num_cases`` are
     kept, later batches cost nothing. In a distributed run, the cases are the first of rank ``save_rank``'s share.
 
-    After each epoch: ``self.snapshots`` holds the snapshots (plot them with
+    Snapshots name the layers by their readable aliases (``self.layer_aliases``, see
+    :func:`~monai_protoseg.layer_aliases`); with ``output_dir``, ``layer_names.csv`` there pairs each with its qualified
+    name. After each epoch: ``self.snapshots`` holds the snapshots (plot them with
     :func:`~monai_protoseg.maps.plot_prototype_maps`); with ``output_dir``, each is written atomically to
     ``output_dir/{name}/{case}_{class}.npz`` (read it with :func:`~monai_protoseg.maps.read_snapshot`); with
     ``summary_writer``, each is added as the image ``f"{name}/{case}/{class}"`` (image, ground truth, prediction, then
@@ -68,6 +72,22 @@ class PrototypeMapHandler(LayerProbeHandler):
         label_key: the batch key of the label.
         guide: ``"soft"`` (prototypes weighted by the network's probabilities) or ``"binary"`` (by its binarised
             prediction).
+        mode: with a ``SlidingWindowInferer``: ``"stitch"``, ``"stream"`` or ``"auto"`` (the default: stream when the
+            stitched features would exceed ``memory_budget``); see :class:`~monai_protoseg.handlers.LayerProbeHandler`.
+        memory_budget: bytes of stitched features above which ``mode="auto"`` streams (2 GiB by default).
+
+    Example:
+        >>> import torch
+        >>> from monai.engines import SupervisedEvaluator
+        >>> from monai.networks.nets import UNet
+        >>> from monai_protoseg import PrototypeMapHandler
+        >>> network = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
+        >>> image = torch.zeros(3, 1, 16, 16)
+        >>> image[..., 4:12, 4:12] = 1
+        >>> maps = PrototypeMapHandler(["model.0", "model.2"], num_cases=2)
+        >>> SupervisedEvaluator(torch.device("cpu"), [{"image": image}], network, val_handlers=[maps]).run()
+        >>> len(maps.snapshots), maps.snapshots[0].layers, maps.snapshots[0].maps.shape  # (layers, H, W)
+        (2, ('encoder.1', 'output'), (2, 16, 16))
     """
 
     def __init__(
@@ -88,12 +108,14 @@ class PrototypeMapHandler(LayerProbeHandler):
         save_rank: int = 0,
         label_key: str = CommonKeys.LABEL,
         guide: str = "soft",
+        mode: str = "auto",
+        memory_budget: float = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         if num_cases < 1:
             raise ValueError(f"num_cases must be at least 1, got {num_cases}.")
         label_transform = None if output_transform is None else second_item(output_transform)
         super().__init__(layers, network, activation, class_names, include_background, image_key, label_key,
-                         label_transform, guide)
+                         label_transform, guide, mode, memory_budget)
         self.label_option = "output_transform"
         self.num_cases = num_cases
         self.slice_index = slice_index
@@ -125,16 +147,21 @@ class PrototypeMapHandler(LayerProbeHandler):
         prediction = self.binarised(prob[:count])
         guide = self.guide_weights(prob[:count])
         label = None if label is None else self.one_hot_label(label[:count].to(prob.device), prob.shape[1])
-        maps = {  # (count, 1, *S) per class and layer
-            k: {layer: prototype_map(features[layer][:count], guide[:count, k:k + 1]) for layer in self.layers}
-            for k in self.class_indices
-        }
+        streamed = self.streamed_inferer()
+        if streamed is not None:  # maps of every case of the batch, from two passes over its windows
+            classes = self.class_indices
+            layer_maps = streamed.prototype_maps(self.guide_weights(prob)[:, classes])
+            maps = {k: {layer: layer_maps[layer][:count, j:j + 1] for layer in self.layers}
+                    for j, k in enumerate(classes)}
+        else:  # (count, 1, *S) per class and layer
+            maps = {k: {layer: prototype_map(features[layer][:count], guide[:count, k:k + 1]) for layer in self.layers}
+                    for k in self.class_indices}
         for b, case in enumerate(cases):
             for k, class_name in zip(self.class_indices, self.class_labels()):
                 self.snapshots.append(take_snapshot(
                     image[b],
                     prob[b, k],
-                    {layer: value[b, 0] for layer, value in maps[k].items()},
+                    {self.layer_aliases[layer]: value[b, 0] for layer, value in maps[k].items()},
                     None if label is None else label[b, k],
                     prediction=prediction[b, k],
                     case=case,
@@ -148,6 +175,8 @@ class PrototypeMapHandler(LayerProbeHandler):
         if idist.get_rank() != self.save_rank:
             return
         step = self.global_iter_transform(engine.state.epoch)
+        if self.output_dir is not None and self.snapshots:
+            write_layer_names(self.output_dir, self.layer_aliases)
         for snapshot in self.snapshots:
             if self.output_dir is not None:
                 save_snapshot(self.output_dir / self.name / f"{snapshot.case}_{snapshot.class_name}.npz", snapshot)

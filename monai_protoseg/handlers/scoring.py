@@ -5,6 +5,8 @@ prediction, but both guide the prototypes with the same soft output: their binar
 one engine therefore hand their requests to the engine's :class:`BatchScoring`, which builds each layer's map once
 and counts it against every handler's reference (:func:`~monai_protoseg.sa_scores` with several targets). Handlers
 whose maps differ (another activation, other classes, a mask) are scored apart; nothing is shared across batches.
+When the engine's sliding window streamed (no stitched features), a group's maps come from the wrapped inferer's
+prototype logits (two passes over the windows for every layer of the group) instead.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from ignite.engine import Engine
 
 from ..protoseg import sa_scores
+from ..streaming import sa_scores_from_logits
+
+if TYPE_CHECKING:
+    from ..inferers import ProtoSegInferer
 
 __all__ = ["ScoringRequest", "BatchScoring", "batch_scoring"]
 
@@ -28,7 +34,7 @@ class ScoringRequest:
 
     Attributes:
         layers: the layers to score, in the order of the scores' layer axis.
-        features: ``{layer: (B, C, *S_f)}``, at least for ``layers``.
+        features: ``{layer: (B, C, *S_f)}``, at least for ``layers``; unused (may be empty) when ``streamed``.
         prob: ``(B, K, *S)`` foreground probability of the scored classes (guides the prototypes).
         target: bool ``(B, K, *S)`` reference of the scored classes.
         mask: optional ``(B, 1, *S)`` mask restricting the pixels that feed the prototypes.
@@ -37,6 +43,8 @@ class ScoringRequest:
             and mask) and are scored in one pass.
         context: the handler's own values of the batch (its label, the full probabilities, ...), handed back with
             the scores.
+        streamed: the engine's wrapped sliding window when its last call streamed: the maps then come from its
+            :meth:`~monai_protoseg.ProtoSegInferer.prototype_logits` (guided by ``prob`` and ``mask``).
     """
 
     layers: Sequence[str]
@@ -47,6 +55,7 @@ class ScoringRequest:
     ignore_empty: bool
     share: Hashable
     context: Mapping[str, Any] | None = None
+    streamed: ProtoSegInferer | None = None
 
 
 class ScoringHandler(Protocol):
@@ -98,14 +107,20 @@ class BatchScoring:
         for key, request in requests.items():
             groups.setdefault((request.share, request.ignore_empty), []).append(key)
         results = {}
+        streamed_logits: dict[Hashable, dict[str, torch.Tensor]] = {}  # by share key: the passes run once
         for members in groups.values():
             first = requests[members[0]]
-            features = {}  # each member's layers, from the same network's recording
-            for key in members:
-                features.update({layer: requests[key].features[layer] for layer in requests[key].layers})
-            per_target = sa_scores(features, first.prob,
-                                   [requests[key].target for key in members], first.mask,
-                                   ignore_empty=first.ignore_empty)
+            targets = [requests[key].target for key in members]
+            if first.streamed is not None:  # one pair of passes over the windows for every layer of the engine
+                if first.share not in streamed_logits:
+                    streamed_logits[first.share] = first.streamed.prototype_logits(first.prob, first.mask)
+                logits = streamed_logits[first.share]
+                layers = dict.fromkeys(layer for key in members for layer in requests[key].layers)
+                per_target = sa_scores_from_logits({layer: logits[layer] for layer in layers}, targets,
+                                                   ignore_empty=first.ignore_empty)
+            else:  # each member's layers, from the same network's recording
+                features = {layer: requests[key].features[layer] for key in members for layer in requests[key].layers}
+                per_target = sa_scores(features, first.prob, targets, first.mask, ignore_empty=first.ignore_empty)
             for key, scores in zip(members, per_target):
                 request = requests[key]
                 results[key] = request, torch.stack([scores[layer] for layer in request.layers], dim=1)

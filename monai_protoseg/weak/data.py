@@ -37,6 +37,7 @@ from ..io import atomic_write_text
 __all__ = ["ANATOMIES", "make_weak_case", "write_weak_dataset"]
 
 ANATOMIES = ("synthetic", "mni152")
+"""What a case's lesion is pasted into: synthetic shapes, or axial slices of the MNI152 template (needs nilearn)."""
 LESION_SIGMA = (0.04, 0.1)
 """Range of the lesion's standard deviation per axis, as a fraction of the image edge."""
 LESION_CONTRAST = (0.4, 1.0)
@@ -61,8 +62,9 @@ def make_weak_case(
         lesion_probability: chance that the case gets a lesion, in [0, 1].
 
     Returns:
-        ``{"image": float32 (size, size), "mask": uint8 (size, size), "label": 0 or 1, "contrast": float,
-        "sigma": float}`` (contrast and sigma are 0 for a normal case; sigma is the mean of the two axes' pixels).
+        The case, a dict with ``"image"`` (float32, ``(size, size)``), ``"mask"`` (uint8, ``(size, size)``),
+        ``"label"`` (0 or 1), ``"contrast"`` and ``"sigma"`` (floats, 0 for a normal case; sigma is the mean of the two
+        axes' pixels).
 
     Example:
         >>> case = make_weak_case(0, 4, size=32)

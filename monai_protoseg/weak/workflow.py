@@ -22,8 +22,8 @@ from torch import nn
 
 from ..attribution import normalise, plot_attribution_maps
 from ..checks import check_datalist
+from ..figures import save_figure
 from ..io import atomic_write_csv
-from ..report import save_figure
 from .evaluation import (
     CASE_COLUMNS,
     FAITHFULNESS_COLUMNS,

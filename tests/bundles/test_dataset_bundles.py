@@ -29,6 +29,7 @@ from monai.bundle.reference_resolver import ReferenceResolver
 from PIL import Image
 
 from monai_protoseg import QualityCalibration, candidate_layers, last_decoder_layers, resolve_layers
+from monai_protoseg.layer_names import read_layer_names
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUNDLES_DIR = ROOT / "bundles"
@@ -278,9 +279,11 @@ def bundle_run(request, tmp_path_factory) -> BundleRun:
 
 def check_sa_metrics(run: BundleRun, folder: pathlib.Path) -> None:
     """SA of every probed layer (and of every class when there are several) in ``metrics.csv``, per case in the
-    ``sa_{layer}_raw.csv`` details that MetricsSaver writes."""
+    ``sa_{alias}_raw.csv`` details that MetricsSaver writes; each layer named by its alias (``layer_names.csv``)."""
     config = load_config(run.name, "train.json")
-    layers, classes = config["sa_layers"], run.spec["classes"]
+    classes = run.spec["classes"]
+    aliases = {layer: alias for alias, layer in read_layer_names(folder / "layer_names.csv").items()}
+    layers = [aliases[layer] for layer in config["sa_layers"]]
     metrics = metrics_csv(folder / "metrics.csv")
     expected = [f"sa_{layer}" for layer in layers] + ["sa_mean"]
     expected += [f"sa_{layer}_{name}" for layer in layers for name in classes] if len(classes) > 1 else []
@@ -356,6 +359,14 @@ def test_inference_writes_quality_and_predictions(bundle_run):
             saved, original = np.asarray(nib.load(prediction).dataobj), nib.load(source)
             assert saved.shape == original.shape[:3]  # back in the original geometry (Invertd)
             assert np.allclose(nib.load(prediction).affine, original.affine)
+            # save_maps (on by default): every SA layer's prototype map of every class beside it, on the same grid
+            maps = sorted(folder.glob(f"{name}_map_*.nii.gz"))
+            assert len(maps) == len(load_config(bundle_run.name, "inference.json")["sa_layers"]) * len(spec["classes"])
+            for path in maps:
+                saved_map = nib.load(path)
+                assert saved_map.shape == original.shape[:3] and np.allclose(saved_map.affine, original.affine)
+                values = np.asarray(saved_map.dataobj)
+                assert np.isnan(values).all() or 0 <= np.nanmin(values) <= np.nanmax(values) <= 1, path.name
         assert set(np.unique(saved).tolist()) <= spec["label_values"]
 
 

@@ -14,7 +14,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import load_decathlon_datalist
 
-from monai_protoseg import FeatureRecorder, QualityEstimator, candidate_layers
+from monai_protoseg import FeatureRecorder, QualityEstimator, candidate_layers, layer_aliases
 
 from .running import ROOT, read_rows, run_bundle
 
@@ -65,12 +65,13 @@ def test_layer_and_unit_csvs_cover_every_layer_and_both_classes(trained):
     network = network_def()
     layers = candidate_layers(network)
     validation = load_decathlon_datalist(output_dir / "data" / "validation" / "dataset.json")
+    aliases = list(layer_aliases(network, layers).values())
     rows = read_rows(output_dir / "sa_layers.csv")
-    assert list(rows[0]) == ["case", "class", *layers]
+    assert list(rows[0]) == ["case", "class", *aliases]
     assert sorted((row["case"], row["class"]) for row in rows) == sorted(
         (pathlib.Path(item["image"]).name[:-len(".nii.gz")], name) for item in validation for name in CLASSES)
     for name in CLASSES:
-        assert any(not math.isnan(score(row[layer])) for row in rows if row["class"] == name for layer in layers)
+        assert any(not math.isnan(score(row[alias])) for row in rows if row["class"] == name for alias in aliases)
     with torch.no_grad(), FeatureRecorder(network.eval(), layers) as recorder:
         network(torch.rand(1, 1, 32, 32))
     units = read_rows(output_dir / "sa_units.csv")

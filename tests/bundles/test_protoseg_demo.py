@@ -16,7 +16,14 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from monai_protoseg import FeatureRecorder, QualityCalibration, QualityEstimator, candidate_layers, last_decoder_layers
+from monai_protoseg import (
+    FeatureRecorder,
+    QualityCalibration,
+    QualityEstimator,
+    candidate_layers,
+    last_decoder_layers,
+    layer_aliases,
+)
 
 from .running import ROOT, read_rows, run_bundle
 
@@ -71,10 +78,14 @@ def test_layer_and_unit_csvs_cover_every_layer_and_unit(trained):
     output_dir, _ = trained
     network = network_def()
     layers = candidate_layers(network)
+    aliases = ["encoder.1", "encoder.2", "encoder.3", "bottleneck", "decoder.2", "decoder.1", "output"]
+    assert list(layer_aliases(network, layers).values()) == aliases
     rows = read_rows(output_dir / "sa_layers.csv")
-    assert len(rows) == 12 and list(rows[0]) == ["case", "class", *layers]
+    assert len(rows) == 12 and list(rows[0]) == ["case", "class", *aliases]
     assert all(row["class"] == "foreground" for row in rows)
-    assert any(not math.isnan(score(row[layer])) for row in rows for layer in layers)
+    assert any(not math.isnan(score(row[alias])) for row in rows for alias in aliases)
+    assert read_rows(output_dir / "layer_names.csv")[:len(layers)] == [
+        {"layer": alias, "qualified_name": layer} for alias, layer in zip(aliases, layers)]
     with torch.no_grad(), FeatureRecorder(network.eval(), layers) as recorder:
         network(torch.rand(1, 1, 32, 32))
     units = read_rows(output_dir / "sa_units.csv")
@@ -88,9 +99,10 @@ def test_quality_files_and_the_calibration_agree(trained):
     quality_layers = last_decoder_layers(network_def())
     validation = read_rows(output_dir / "quality_validation.csv")
     assert len(validation) == 12
-    assert {f"sa_{layer}" for layer in candidate_layers(network_def())} <= set(validation[0])  # the SA profile
+    aliases = layer_aliases(network_def(), candidate_layers(network_def()))
+    assert {f"sa_{alias}" for alias in aliases.values()} <= set(validation[0])  # the SA profile
     for row in validation:
-        sa = [score(row[f"sa_{layer}"]) for layer in quality_layers]
+        sa = [score(row[f"sa_{aliases[layer]}"]) for layer in quality_layers]
         assert score(row["mean_sa"]) == pytest.approx(sum(sa) / 2, abs=2e-6)
     calibration = QualityCalibration.load(output_dir / "models" / "quality_calibration.json")
     refit = QualityCalibration.fit([score(r["mean_sa"]) for r in validation], [score(r["true_dice"]) for r in validation])
@@ -98,10 +110,11 @@ def test_quality_files_and_the_calibration_agree(trained):
     # 12 validation cases: enough for the SA-profile estimator, which then makes the estimates
     estimator = QualityEstimator.load(output_dir / "models" / "quality_estimator.json", layers=candidate_layers(
         network_def()))
+    columns = {f"sa_{layer}": f"sa_{alias}" for layer, alias in aliases.items()}  # the CSVs name layers by alias
     for rows in (validation, read_rows(output_dir / "quality.csv")):
         for row in rows:
             assert row["note"] == f"estimator ({estimator.chosen})"
-            features = np.array([float(row[name]) for name in estimator.feature_names])
+            features = np.array([float(row[columns.get(name, name)]) for name in estimator.feature_names])
             assert score(row["estimated_dice"]) == pytest.approx(float(estimator.predict(features)), abs=2e-3)
     held_out = read_rows(output_dir / "quality.csv")
     assert len(held_out) == 4 and "true_dice" in held_out[0]  # the demo's held-out cases have labels
@@ -150,8 +163,8 @@ def test_multi_gpu_evaluate_with_two_processes_equals_one_process(trained, tmp_p
     assert_same_rows(read_rows(single / "sa_layers.csv"), read_rows(multi / "sa_layers.csv"), ("case", "class"), 1e-6)
     assert_same_rows(read_rows(single / "quality_validation.csv"), read_rows(multi / "quality_validation.csv"),
                      ("case", "class", "review", "note"), 1e-6)
-    assert_same_rows(read_rows(single / "sa_units.csv"), read_rows(multi / "sa_units.csv"), ("layer", "class", "unit"),
-                     1e-5)  # means over cases: the gathered order changes the float sums
+    assert_same_rows(read_rows(single / "sa_units.csv"), read_rows(multi / "sa_units.csv"),
+                     ("layer", "qualified_name", "class", "unit"), 1e-5)  # means over cases: gathered order, float sums
     single_metrics = dict(csv.reader((single / "metrics.csv").read_text().splitlines()))
     multi_metrics = dict(csv.reader((multi / "metrics.csv").read_text().splitlines()))
     assert single_metrics.keys() == multi_metrics.keys()
@@ -229,9 +242,10 @@ def test_tensorboard_has_sa_scalars_every_validation_and_prototype_map_images(tr
     events = EventAccumulator(str(first), size_guidance={"images": 0, "scalars": 0}).Reload()
     layers = candidate_layers(network_def())
     scalars, images = events.Tags()["scalars"], events.Tags()["images"]
-    for layer in layers:
+    for alias in layer_aliases(network_def(), layers).values():  # tags name the layers by their aliases
         # two training epochs with val_interval 1, then the final validation at the trainer's last epoch again
-        assert [event.step for event in events.Scalars(f"sa_{layer}")] == [1, 2, 2]
+        assert [event.step for event in events.Scalars(f"sa_{alias}")] == [1, 2, 2]
+    assert not [tag for tag in scalars if "model." in tag]
     assert "train_loss" in scalars and "sa_mean" in scalars
     assert sorted(images) == [f"prototype_maps/case_00{i}/foreground" for i in range(2)]
     final = events.Images("prototype_maps/case_000/foreground")[-1]

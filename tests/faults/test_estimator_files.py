@@ -172,7 +172,7 @@ def test_a_failed_refit_leaves_the_old_calibration_and_inference_names_it_fitted
         "calibration, fitted on other weights"}
     assert f"{path} was fitted for this network but on other weights" in caplog.text
     evaluate(old, named_batches(count=1, labels=False), output_dir=tmp_path / "old", calibration=path)
-    assert {row["note"] for row in read_rows(tmp_path / "old" / "quality.csv")} == {""}
+    assert {row["note"] for row in read_rows(tmp_path / "old" / "quality.csv")} == {"calibration"}
     assert sha256(path) == before
 
 
@@ -216,6 +216,7 @@ def test_a_file_without_fingerprint_is_used_with_a_warning_that_it_cannot_be_che
     assert f"{path} has no network fingerprint" in caplog.text and "cannot be checked" in caplog.text
     assert {row["note"] for row in read_rows(tmp_path / "quality.csv")} == {f"estimator ({data['chosen']})"}
     rows = read_rows(tmp_path / "quality.csv")
-    features = np.array([[float(row[name]) for name in data["feature_names"]] for row in rows])
+    columns = {f"sa_{layer}": f"sa_{alias}" for layer, alias in handler.layer_aliases.items()}  # CSVs: by alias
+    features = np.array([[float(row[columns.get(name, name)]) for name in data["feature_names"]] for row in rows])
     np.testing.assert_allclose([float(row["estimated_dice"]) for row in rows], handler.estimator.predict(features),
                                atol=1e-6)

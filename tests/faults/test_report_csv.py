@@ -12,15 +12,12 @@ import pathlib
 import numpy as np
 import pytest
 
+from monai_protoseg.attribution.report import read_attribution_metrics
 from monai_protoseg.cli import main
+from monai_protoseg.handlers.quality_report import read_quality
+from monai_protoseg.handlers.sa_report import read_layer_scores, read_unit_scores
 from monai_protoseg.io import atomic_write_csv
-from monai_protoseg.report import (
-    read_attribution_metrics,
-    read_layer_scores,
-    read_quality,
-    read_unit_scores,
-    write_report,
-)
+from monai_protoseg.report import write_report
 from tests.test_report import LAYERS, write_run
 
 READERS = {

@@ -27,10 +27,18 @@ from monai_protoseg import (
     last_decoder_layers,
 )
 from monai_protoseg.estimator import feature_names
-from tests.handlers.test_sa_score_handler import LAYERS, hook_count, make_batches, make_network
+from tests.handlers.test_sa_score_handler import ALIASES, LAYERS, hook_count, make_batches, make_network
 from tests.naive_protoseg import naive_dice, naive_sa_score
 
 QUALITY_LAYERS = LAYERS[:2]
+PROFILE_ALIASES = {"model.0": "encoder.1", "model.1.submodule.0": "encoder.2", "model.1.submodule.1.submodule":
+                   "bottleneck", "model.1.submodule.2": "decoder.1", "model.2": "output"}
+"""The aliases of make_network()'s candidate layers, which name the CSV's SA columns."""
+
+
+def csv_column(feature: str) -> str:
+    """The quality CSV's column of an estimator feature: ``sa_{layer}`` is named by the layer's alias."""
+    return f"sa_{PROFILE_ALIASES[feature[3:]]}" if feature.startswith("sa_") else feature
 
 
 def named_batches(count: int = 4, classes: int = 1, labels: bool = True) -> list[dict]:
@@ -86,12 +94,14 @@ def test_validation_fits_the_calibration_and_rows_match_an_independent_computati
     rows = read_rows(tmp_path / "quality.csv")
     expected = expected_rows(network, batches)
     assert [row["case"] for row in rows] == [f"case_{i}{b}" for i in range(4) for b in range(2)]
-    assert list(rows[0]) == ["case", "class", "mean_sa", *(f"sa_{layer}" for layer in QUALITY_LAYERS), "true_dice",
-                             "estimated_dice", "review", "note"]
+    assert list(rows[0]) == ["case", "class", "mean_sa", "sa_encoder.1", "sa_decoder.1", "true_dice",
+                             "estimated_dice", "estimate_low", "estimate_high", "calibrated_mean_sa", "review", "note"]
+    assert (tmp_path / "layer_names.csv").read_text() == (
+        "layer,qualified_name\nencoder.1,model.0\ndecoder.1,model.1.submodule.2\n")  # the aliases' modules
     for row, want in zip(rows, expected):
         assert float(row["mean_sa"]) == pytest.approx(want["mean_sa"], abs=1e-5)
         for layer, value in zip(QUALITY_LAYERS, want["layers"]):
-            assert float(row[f"sa_{layer}"]) == pytest.approx(value, abs=1e-5)
+            assert float(row[csv_column(f"sa_{layer}")]) == pytest.approx(value, abs=1e-5)
         assert float(row["true_dice"]) == pytest.approx(want["true_dice"], abs=1e-6)
     # the calibration is the least-squares line of true Dice on mean SA, saved as JSON
     x = np.array([want["mean_sa"] for want in expected])
@@ -121,7 +131,7 @@ def test_inference_without_labels_uses_the_saved_calibration(tmp_path):
     for row in rows:
         estimated = min(max(0.5 * float(row["mean_sa"]) + 0.4, 0.0), 1.0)
         assert float(row["estimated_dice"]) == pytest.approx(estimated, abs=1e-6)
-        assert row["review"] == str(estimated < 0.9) and row["note"] == ""
+        assert row["review"] == str(estimated < 0.9) and row["note"] == "calibration"  # the method, always named
     assert evaluator.state.metrics["quality_review"] == sum(row["review"] == "True" for row in rows)
 
 
@@ -157,7 +167,7 @@ def test_empty_prediction_is_undefined_and_flagged(tmp_path):
     evaluator, _ = evaluate(network, named_batches(count=1, labels=False), output_dir=tmp_path)
     rows = read_rows(tmp_path / "quality.csv")
     assert [(row["mean_sa"], row["review"], row["note"]) for row in rows] == [
-        ("nan", "True", "empty prediction: SA undefined")] * 2
+        ("nan", "True", "no calibration given: mean SA only; empty prediction: SA undefined")] * 2
     assert evaluator.state.metrics["quality_undefined"] == 2
 
 
@@ -243,7 +253,7 @@ def test_sa_and_quality_handlers_share_one_sliding_window_wrapper(tmp_path):
                                     inferer=inferer, val_handlers=[sa, quality])
     evaluator.run()
     assert evaluator.inferer is inferer and hook_count(network) == 0
-    assert set(evaluator.state.metrics) >= {f"sa_{layer}" for layer in LAYERS} | {"quality_mean_sa"}
+    assert set(evaluator.state.metrics) >= {f"sa_{alias}" for alias in ALIASES.values()} | {"quality_mean_sa"}
     for row, want in zip(read_rows(tmp_path / "quality.csv"), expected):
         assert float(row["mean_sa"]) == pytest.approx(want["mean_sa"], abs=1e-4)
 
@@ -322,19 +332,22 @@ def test_fit_estimator_during_validation_writes_the_json_and_the_feature_columns
     saved = QualityEstimator.load(path, layers, QUALITY_LAYERS)
     assert saved.to_dict() == handler.estimator.to_dict()
     assert (saved.n_rows, saved.n_groups, saved.n_excluded) == (12, 12, 0)
-    names = feature_names(layers)
+    names = feature_names(layers, prototype=True)
     rows = read_rows(tmp_path / "quality.csv")
-    assert list(rows[0]) == ["case", "class", *names, "true_dice", "estimated_dice", "review", "note"]
+    assert list(rows[0]) == ["case", "class", *map(csv_column, names), "true_dice", "estimated_dice", "estimate_low",
+                             "estimate_high",
+                             "review", "note"]
     for row, want in zip(rows, expected_features(network, batches, layers), strict=True):
         for name, value in want.items():
-            assert float(row[name]) == pytest.approx(value, abs=1e-5), name
-        estimate = saved.predict(np.array([float(row[name]) for name in names]))
+            assert float(row[csv_column(name)]) == pytest.approx(value, abs=1e-5), name
+        estimate = saved.predict(np.array([float(row[csv_column(name)]) for name in names]))
         assert float(row["estimated_dice"]) == pytest.approx(estimate, abs=1e-5)
         assert row["note"] == f"estimator ({saved.chosen})" and row["review"] == str(estimate < 0.7)
-    chosen = saved.feature_sets[saved.chosen]
-    assert evaluator.state.metrics["quality_estimator_cv_mae"] == chosen.cv_mae
-    assert evaluator.state.metrics["quality_estimator_cv_r"] == pytest.approx(chosen.cv_r, nan_ok=True)
-    assert f"chosen feature set {saved.chosen!r}; saved to {path}" in caplog.text
+    # the logged and saved figures are those of the nested cross-validation, and the log says so
+    assert evaluator.state.metrics["quality_estimator_cv_mae"] == saved.nested_mae
+    assert evaluator.state.metrics["quality_estimator_cv_r"] == pytest.approx(saved.nested_r, nan_ok=True)
+    assert f"chosen feature set {saved.chosen!r} (selection 'one_se'); nested cross-validation" in caplog.text
+    assert f"saved to {path}" in caplog.text
     assert all(f" {name} " in caplog.text for name in ("mean_sa", "sa_profile", "confidence", "all"))
 
 
@@ -346,10 +359,10 @@ def test_too_few_cases_for_the_estimator_falls_back_and_says_why(tmp_path, with_
     assert handler.estimator is None and not (tmp_path / "e.json").exists()
     assert "quality_estimator_cv_r" not in evaluator.state.metrics
     rows = read_rows(tmp_path / "quality.csv")
-    assert "volume" in rows[0] and f"sa_{candidate_layers(network)[2]}" in rows[0]  # the features are written
-    why = "estimator not fitted (cannot fit a quality estimator on 4 valid row(s) from 4 case(s)"
+    assert "volume" in rows[0] and "sa_bottleneck" in rows[0]  # the features are written
+    why = "estimator not fitted (cannot fit a quality estimator on 4 valid row(s) from 4 group(s)"
     for row in rows:
-        assert row["note"].startswith(why) and "at least 10 rows from 3 cases are needed" in row["note"]
+        assert row["note"].startswith(why) and "at least 10 rows from 3 groups are needed" in row["note"]
         if with_calibration:
             assert row["note"].endswith("; calibration")
             assert float(row["estimated_dice"]) == pytest.approx(handler.calibration.predict(float(row["mean_sa"])),
@@ -370,7 +383,7 @@ def test_inference_estimates_equal_the_estimator_on_the_written_features(tmp_pat
     rows = read_rows(tmp_path / "quality.csv")
     assert len(rows) == 4 and "true_dice" not in rows[0]
     for row in rows:
-        x = np.array([float(row[name]) for name in estimator.feature_names])
+        x = np.array([float(row[csv_column(name)]) for name in estimator.feature_names])
         explicit = estimator.intercept + sum(
             c * (x[estimator.feature_names.index(name)] - m) / s
             for name, m, s, c in zip(estimator.features, estimator.mean, estimator.scale, estimator.coef)
@@ -411,7 +424,8 @@ def test_tta_flip_adds_the_disagreement_and_costs_one_forward_per_batch(tmp_path
     evaluate(network, batches, output_dir=tmp_path / "tta", estimator=tmp_path / "absent.json", tta_flip=True)
     assert len(calls) == 6  # one extra forward pass per batch
     rows = read_rows(tmp_path / "tta" / "quality.csv")
-    assert list(rows[0])[-5:] == ["tta_disagreement", "true_dice", "estimated_dice", "review", "note"]
+    assert list(rows[0])[-7:] == ["tta_disagreement", "true_dice", "estimated_dice", "estimate_low", "estimate_high",
+                                  "review", "note"]
     expected = flip_disagreement(network, batches)
     assert [float(row["tta_disagreement"]) for row in rows] == pytest.approx(expected, abs=1e-6)
     assert 0 < max(expected)  # the untrained network does not predict symmetrically
@@ -431,7 +445,7 @@ def test_the_flipped_pass_is_invisible_to_other_handlers(tmp_path):
                                     val_handlers=[quality, after])
     evaluator.run()
     for layer in LAYERS:
-        assert evaluator.state.metric_details[f"sa_{layer}"].flatten().tolist() == pytest.approx(
+        assert evaluator.state.metric_details[f"sa_{ALIASES[layer]}"].flatten().tolist() == pytest.approx(
             alone.metric.layer_scores()[:, LAYERS.index(layer)].flatten().tolist(), nan_ok=True)
     assert hook_count(network) == 0
 

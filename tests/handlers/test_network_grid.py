@@ -34,6 +34,7 @@ from monai_protoseg.handlers import MeanSAQualityHandler, PrototypeMapHandler, S
 from tests.naive_protoseg import naive_sa_score
 
 LAYERS = ["model.0", "model.1.submodule.2", "model.2"]
+ALIASES = {"model.0": "encoder.1", "model.1.submodule.2": "decoder.1", "model.2": "output"}
 PIXDIM = (1.5, 1.5, 2.0)
 AFFINES = {  # LPS-like (x and y flipped) and anisotropic: Orientationd flips, Spacingd resamples
     "resampled": np.diag([-0.9, -1.2, 8 / 3, 1.0]),  # (20, 20, 12) becomes (12, 16, 16)
@@ -111,7 +112,7 @@ def test_sa_of_an_inverting_evaluator_is_that_of_the_network_grid(grid, inferer,
     evaluator.run()
     expected = reference_sa(network, cases)
     for layer in LAYERS:
-        got = evaluator.state.metric_details[f"sa_{layer}"][:, 0].tolist()
+        got = evaluator.state.metric_details[f"sa_{ALIASES[layer]}"][:, 0].tolist()
         assert got == pytest.approx(expected[layer], abs=1e-6), layer
     assert np.isfinite(evaluator.state.metrics["val_mean_dice"])  # the evaluator's own metric is untouched
 
@@ -138,7 +139,8 @@ def test_quality_and_map_handlers_read_the_network_grid_and_a_mask_in_a_decollat
     evaluator.run()
     expected = reference_sa(network, cases)
     for layer in LAYERS:  # a mask of ones changes nothing
-        assert evaluator.state.metric_details[f"masked_{layer}"][:, 0].tolist() == pytest.approx(expected[layer])
+        got = evaluator.state.metric_details[f"masked_{ALIASES[layer]}"][:, 0].tolist()
+        assert got == pytest.approx(expected[layer])
     rows = (tmp_path / "quality.csv").read_text().splitlines()
     true_dice = [float(row.split(",")[rows[0].split(",").index("true_dice")]) for row in rows[1:]]
     for case, dice in zip(cases, true_dice):  # Dice of the argmax prediction on the network's grid

@@ -32,6 +32,8 @@ def test_2d_maps_equal_prototype_map_on_recorded_features_and_only_num_cases_are
     assert all(torch.equal(weights[key], value) for key, value in network.state_dict().items())
     files = sorted(path.name for path in (tmp_path / "prototype_maps").iterdir())
     assert files == ["case0000_class0.npz", "case0001_class0.npz", "case0002_class0.npz"]
+    assert (tmp_path / "layer_names.csv").read_text().splitlines()[1:] == [
+        "encoder.1,model.0", "decoder.1,model.1.submodule.2", "output,model.2"]
     images = torch.cat([batch["image"] for batch in batches[:2]])[:3]
     labels = torch.cat([batch["label"] for batch in batches[:2]])[:3]
     with torch.no_grad(), FeatureRecorder(network, LAYERS) as recorder:  # independent: one forward pass of 3 cases
@@ -39,7 +41,8 @@ def test_2d_maps_equal_prototype_map_on_recorded_features_and_only_num_cases_are
     expected = {layer: prototype_map(recorder[layer], prob) for layer in LAYERS}
     for n in range(3):
         snapshot = read_snapshot(tmp_path / "prototype_maps" / files[n])
-        assert snapshot.case == f"case{n:04d}" and snapshot.layers == tuple(LAYERS) and snapshot.slice_index is None
+        assert snapshot.case == f"case{n:04d}" and snapshot.slice_index is None
+        assert snapshot.layers == ("encoder.1", "decoder.1", "output")  # the layers' aliases
         np.testing.assert_array_equal(snapshot.image, images[n].numpy())
         np.testing.assert_array_equal(snapshot.label, labels[n, 0].numpy() > 0.5)
         np.testing.assert_allclose(snapshot.prob, prob[n, 0].numpy(), atol=1e-6, rtol=0)

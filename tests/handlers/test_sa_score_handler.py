@@ -18,6 +18,8 @@ from monai_protoseg.handlers import SAScoreHandler
 from tests.naive_protoseg import naive_sa_score
 
 LAYERS = ["model.0", "model.1.submodule.2", "model.2"]
+ALIASES = {"model.0": "encoder.1", "model.1.submodule.2": "decoder.1", "model.2": "output"}
+"""The names results use for LAYERS of make_network()'s UNet (see monai_protoseg.layer_aliases)."""
 
 
 def make_network(out_channels: int = 1) -> UNet:
@@ -82,11 +84,11 @@ def test_layer_scores_match_an_independent_computation():
     SAScoreHandler(LAYERS, network=network).attach(engine)
     engine.run(batches)
     expected = expected_scores(network, batches, "sigmoid", [0])
-    for layer in LAYERS:
-        assert engine.state.metrics[f"sa_{layer}"] == pytest.approx(expected[layer].nanmean().item(), abs=1e-5)
-        torch.testing.assert_close(engine.state.metric_details[f"sa_{layer}"].double(), expected[layer],
+    for layer, alias in ALIASES.items():
+        assert engine.state.metrics[f"sa_{alias}"] == pytest.approx(expected[layer].nanmean().item(), abs=1e-5)
+        torch.testing.assert_close(engine.state.metric_details[f"sa_{alias}"].double(), expected[layer],
                                    atol=1e-5, rtol=0, equal_nan=True)
-    means = [engine.state.metrics[f"sa_{layer}"] for layer in LAYERS]
+    means = [engine.state.metrics[f"sa_{ALIASES[layer]}"] for layer in LAYERS]
     assert engine.state.metrics["sa_mean"] == pytest.approx(sum(means) / len(means))
     assert engine.state.metrics["sa_undefined"] == 0
     assert hook_count(network) == 0
@@ -102,10 +104,10 @@ def test_softmax_multi_class_against_prediction_with_names():
     expected = expected_scores(network, batches, "softmax", [1, 2], reference="pred")
     for layer in LAYERS:
         for k, name in enumerate(["left", "right"]):
-            value = engine.state.metrics[f"sa_{layer}_{name}"]
+            value = engine.state.metrics[f"sa_{ALIASES[layer]}_{name}"]
             reference = expected[layer][:, k].nanmean().item()
             assert (math.isnan(value) and math.isnan(reference)) or value == pytest.approx(reference, abs=1e-5)
-        assert engine.state.metric_details[f"sa_{layer}"].shape == (6, 2)
+        assert engine.state.metric_details[f"sa_{ALIASES[layer]}"].shape == (6, 2)
     assert {layer: tuple(scores.shape) for layer, scores in handler.unit_scores.items()} == {
         "model.0": (2, 4), "model.1.submodule.2": (2, 4), "model.2": (2, 3)}
 
@@ -119,8 +121,8 @@ def test_binary_guide_weights_the_prototypes_by_the_binarised_prediction(activat
     engine.run(batches)
     binary = expected_scores(network, batches, activation, classes, guide="binary")
     soft = expected_scores(network, batches, activation, classes)
-    for layer in LAYERS:
-        torch.testing.assert_close(engine.state.metric_details[f"sa_{layer}"].double(), binary[layer], atol=1e-5,
+    for layer, alias in ALIASES.items():
+        torch.testing.assert_close(engine.state.metric_details[f"sa_{alias}"].double(), binary[layer], atol=1e-5,
                                    rtol=0, equal_nan=True)
     assert any(not torch.allclose(binary[layer], soft[layer], equal_nan=True) for layer in LAYERS)
     with pytest.raises(ValueError, match="guide must be one of"):
@@ -134,7 +136,7 @@ def test_multi_label_sigmoid_with_background_channel_scored():
     SAScoreHandler(LAYERS, network=network, activation="sigmoid", include_background=True,
                    class_names=["TC", "WT", "ET"]).attach(engine)
     engine.run(batches)
-    assert {f"sa_model.2_{name}" for name in ("TC", "WT", "ET")} <= set(engine.state.metrics)
+    assert {f"sa_output_{name}" for name in ("TC", "WT", "ET")} <= set(engine.state.metrics)
 
 
 def test_empty_prediction_is_undefined_not_zero():
@@ -208,9 +210,9 @@ def test_drop_in_evaluator_results_reach_handlers_listed_before_it(tmp_path, cap
     finally:
         logger.removeHandler(caplog.handler)
     logged = "\n".join(record.getMessage() for record in caplog.records if record.name == "sa_stats")
-    assert "sa_mean:" in logged and f"sa_{LAYERS[0]}:" in logged
+    assert "sa_mean:" in logged and "sa_encoder.1:" in logged and "model." not in logged  # readable log lines
     assert "sa_mean" in (tmp_path / "metrics.csv").read_text()
-    assert len((tmp_path / f"sa_{LAYERS[0]}_raw.csv").read_text().splitlines()) == 1 + 6  # header, one row per image
+    assert len((tmp_path / "sa_encoder.1_raw.csv").read_text().splitlines()) == 1 + 6  # header, one row per image
     assert hook_count(network) == 0
 
 
@@ -253,8 +255,8 @@ def test_tensorboard_scalars_whatever_the_handler_order(tmp_path):
     evaluator.run()
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    expected = {f"sa_{layer}" for layer in LAYERS} | {"sa_mean", "sa_undefined"}
-    assert expected <= set(events.Tags()["scalars"])
+    expected = {"sa_encoder.1", "sa_decoder.1", "sa_output", "sa_mean", "sa_undefined"}
+    assert expected == set(events.Tags()["scalars"])  # tags a person reads: no qualified name
     assert events.Scalars("sa_mean")[0].value == pytest.approx(evaluator.state.metrics["sa_mean"], abs=1e-6)
 
 
@@ -285,14 +287,19 @@ def test_output_dir_gets_per_case_and_per_unit_csvs(tmp_path):
     with open(tmp_path / "sa_layers.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [(row["case"], row["class"]) for row in rows[:3]] == [("c00", "left"), ("c00", "right"), ("c01", "left")]
+    assert list(rows[0]) == ["case", "class", "encoder.1", "decoder.1", "output"]  # a column per layer alias
     for layer in LAYERS:
-        details = evaluator.state.metric_details[f"sa_{layer}"].flatten().double()  # (case, class) row-major
-        torch.testing.assert_close(torch.tensor([float(row[layer]) for row in rows], dtype=torch.float64), details,
-                                   atol=1e-6, rtol=0, equal_nan=True)
+        details = evaluator.state.metric_details[f"sa_{ALIASES[layer]}"].flatten().double()  # (case, class) rows
+        torch.testing.assert_close(torch.tensor([float(row[ALIASES[layer]]) for row in rows], dtype=torch.float64),
+                                   details, atol=1e-6, rtol=0, equal_nan=True)
     with open(tmp_path / "sa_units.csv", newline="") as stream:
         units = list(csv.DictReader(stream))
     assert len(units) == sum(scores.numel() for scores in handler.unit_scores.values())
     first = units[0]
-    assert (first["layer"], first["class"], first["unit"]) == ("model.0", "left", "0")
+    assert list(first) == ["layer", "qualified_name", "class", "unit", "sa"]
+    assert (first["layer"], first["qualified_name"], first["class"], first["unit"]) == ("encoder.1", "model.0", "left",
+                                                                                        "0")
+    assert (tmp_path / "layer_names.csv").read_text() == (
+        "layer,qualified_name\nencoder.1,model.0\ndecoder.1,model.1.submodule.2\noutput,model.2\n")
     value = handler.unit_scores["model.0"][0, 0].item()
     assert (first["sa"] == "nan" and math.isnan(value)) or float(first["sa"]) == pytest.approx(value, abs=1e-6)

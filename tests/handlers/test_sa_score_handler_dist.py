@@ -17,7 +17,7 @@ from monai.engines import SupervisedEvaluator
 
 from monai_protoseg import QualityCalibration
 from monai_protoseg.handlers import MeanSAQualityHandler, SAScoreHandler
-from tests.handlers.test_sa_score_handler import LAYERS, make_batches, make_network
+from tests.handlers.test_sa_score_handler import ALIASES, LAYERS, make_batches, make_network
 
 
 def cases() -> list[dict[str, torch.Tensor]]:
@@ -37,7 +37,7 @@ def evaluate(output_dir: str, sampler=None) -> dict:
     evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=network,
                                     val_handlers=handlers)
     evaluator.run()
-    details = evaluator.state.metric_details[f"sa_{LAYERS[0]}"]
+    details = evaluator.state.metric_details[f"sa_{ALIASES[LAYERS[0]]}"]
     return {"metrics": evaluator.state.metrics, "details": sorted(details.flatten().tolist())}
 
 
@@ -67,8 +67,9 @@ def test_two_ranks_with_uneven_split_equal_one_process(tmp_path):
         assert result["details"] == pytest.approx(single["details"], abs=1e-6)
         for key, value in single["metrics"].items():
             assert result["metrics"][key] == pytest.approx(value, abs=1e-6), key
-    # one CSV and one calibration, written by rank 0, with the single process's rows (in rank order)
-    assert sorted(path.name for path in (tmp_path / "dist").iterdir()) == ["calibration.json", "quality.csv"]
+    # one CSV, one calibration and the layer names, written by rank 0, with the single process's rows (in rank order)
+    assert sorted(path.name for path in (tmp_path / "dist").iterdir()) == ["calibration.json", "layer_names.csv",
+                                                                           "quality.csv"]
     rows = {name: sorted(read_rows(tmp_path / name / "quality.csv"), key=lambda row: row["case"])
             for name in ("single", "dist")}
     assert [row["case"] for row in rows["dist"]] == [f"case{i}" for i in range(5)]

@@ -17,6 +17,7 @@ import nibabel as nib
 import pytest
 
 from monai_protoseg.cli import main
+from monai_protoseg.layer_names import read_layer_names
 
 from .reference import reference_sa
 from .running import run_bundle_eval
@@ -97,8 +98,10 @@ def test_bundle_with_the_attached_handlers(prepared_bundles, plain_runs, name, t
     if inference:
         assert not (results / "sa_layers.csv").exists()  # no labels, no SA against them
         return
-    rows = read_rows(results / "sa_layers.csv")
-    layers = [column for column in rows[0] if column not in ("case", "class")]
+    rows = read_rows(results / "sa_layers.csv")  # a column per layer alias, paired with its module in layer_names.csv
+    qualified = read_layer_names(results / "layer_names.csv")
+    aliases = [column for column in rows[0] if column not in ("case", "class")]
+    layers = [qualified[alias] for alias in aliases]
     reference = reference_sa(prepared, layers)
     names = sorted({row["class"] for row in rows}, key=[row["class"] for row in rows].index)
     classes = dict(zip(names, prepared.entry.foreground))
@@ -106,8 +109,8 @@ def test_bundle_with_the_attached_handlers(prepared_bundles, plain_runs, name, t
     worst, compared, degenerate = 0.0, 0, 0
     for row in rows:
         key = (row["case"], classes[row["class"]])
-        for layer in layers:
-            expected, got = reference.sa[key][layer], float(row[layer])
+        for alias, layer in zip(aliases, layers):
+            expected, got = reference.sa[key][layer], float(row[alias])
             if math.isnan(expected):
                 assert math.isnan(got), (key, layer)
             elif reference.separation[key][layer] < CONDITIONED:
