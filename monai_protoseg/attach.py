@@ -23,6 +23,7 @@ from torch import nn
 
 from .handlers.postprocessing import flat_transforms, postprocessing_activation, resampling_transforms
 from .io import atomic_write_text
+from .layer_names import layer_aliases
 from .recorder import candidate_layers, last_decoder_layers
 
 __all__ = ["Attachment", "inspect_bundle", "write_overlay", "default_configs", "build_network", "OVERLAY_KEY"]
@@ -71,6 +72,7 @@ class Attachment:
     with_labels: bool
     label_resampling: list[str] = field(default_factory=list)
     output_dir: str = "$@bundle_root + '/protoseg'"
+    aliases: dict[str, str] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def overlay(self) -> dict[str, Any]:
@@ -117,6 +119,10 @@ class Attachment:
         line += f" --meta_file {shlex.quote(str(metadata))}" if metadata.is_file() else ""
         return line + "".join(f" --{key} {shlex.quote(str(value))}" for key, value in self.overrides.items())
 
+    def _named(self, layers: list[str]) -> str:
+        """``alias (qualified name)`` of each layer, as the handlers' outputs name it."""
+        return ", ".join(f"{self.aliases[layer]} ({layer})" if layer in self.aliases else layer for layer in layers)
+
     def summary(self) -> str:
         """What was found, a line each."""
         classes = ", ".join(self.class_names) if self.class_names else "named class{channel} (no channel_def in "
@@ -128,8 +134,8 @@ class Attachment:
         return "\n".join([
             f"bundle: {self.bundle_root} ({' + '.join(path.name for path in self.configs)})",
             f"evaluator: {self.evaluator_id}, handlers {self.handlers_id or '(none: the overlay adds val_handlers)'}",
-            f"network: {self.network_type}; SA layers ({len(self.layers)}): {', '.join(self.layers)}",
-            f"quality layers: {', '.join(self.quality_layers)}",
+            f"network: {self.network_type}; SA layers ({len(self.layers)}): {self._named(self.layers)}",
+            f"quality layers: {self._named(self.quality_layers)}",
             f"activation: {self.activation} ({self.activation_reason})",
             f"classes: {classes}" + ("" if self.include_background else " (output channel 0, background, not scored)"),
             f"labels: {labels}",
@@ -243,6 +249,7 @@ def inspect_bundle(
         quality_layers=last_decoder_layers(network), activation=activation, activation_reason=reason,
         class_names=class_names, include_background=include_background, with_labels=with_labels,
         label_resampling=label_resampling, output_dir=output_dir, overrides=dict(overrides or {}),
+        aliases=layer_aliases(network, candidate_layers(network)),
     )
 
 

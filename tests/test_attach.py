@@ -45,6 +45,15 @@ def test_spleen_evaluation_is_detected_with_its_inverted_labels(zoo):
     assert attachment.activation == "softmax" and "Activationsd(keys='pred', softmax=True)" in attachment.activation_reason
     assert attachment.class_names == ["spleen"] and attachment.include_background is False
     assert attachment.with_labels and attachment.label_resampling == ["Invertd(keys=('pred', 'label'))"]
+    # the summary names each layer as the handlers' outputs do, its qualified name beside it
+    lines = attachment.summary().splitlines()
+    assert lines[2] == ("network: UNet; SA layers (9): encoder.1 (model.0), encoder.2 (model.1.submodule.0), "
+                        "encoder.3 (model.1.submodule.1.submodule.0), encoder.4 "
+                        "(model.1.submodule.1.submodule.1.submodule.0), bottleneck "
+                        "(model.1.submodule.1.submodule.1.submodule.1.submodule), decoder.3 "
+                        "(model.1.submodule.1.submodule.1.submodule.2), decoder.2 (model.1.submodule.1.submodule.2), "
+                        "decoder.1 (model.1.submodule.2), output (model.2)")
+    assert lines[3] == "quality layers: decoder.2 (model.1.submodule.1.submodule.2), decoder.1 (model.1.submodule.2)"
 
 
 def test_sigmoid_multi_label_bundle_scores_every_channel(zoo):
