@@ -17,7 +17,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from ..inferers import DEFAULT_MEMORY_BUDGET
-from ..protoseg import prototype_map
+from ..protoseg import _rescaled_sigmoid, _resize, prototype_map
 from ..recorder import candidate_layers
 from .batch import batch_value
 from .probe import LayerProbeHandler
@@ -138,11 +138,11 @@ class PrototypeMapSaver(LayerProbeHandler):
         prob, features = self.probed_batch(engine)
         guide = self.guide_weights(prob)[:, self.class_indices]  # (B, K', *S)
         streamed = self.streamed_inferer()
-        streamed_maps = streamed.prototype_maps(guide) if streamed is not None else None
+        logits = streamed.prototype_logits(guide) if streamed is not None else None  # at the layers' own scales
         images = self._case_images(engine)
         for layer in self.layers:
-            if streamed_maps is not None:
-                maps = streamed_maps.pop(layer)
+            if logits is not None:  # one whole-size map at a time
+                maps = _rescaled_sigmoid(_resize(logits.pop(layer), prob.shape[2:]), streamed.logit_scales[layer])
             else:
                 maps = torch.cat([prototype_map(features[layer], guide[:, k:k + 1]) for k in range(guide.shape[1])], 1)
             for image, case_maps in zip(images, maps.float().cpu()):

@@ -17,7 +17,7 @@ from torch import nn
 from ..inferers import DEFAULT_MEMORY_BUDGET
 from ..layer_names import write_layer_names
 from ..maps import MapSnapshot, save_snapshot, take_snapshot, tile_snapshot
-from ..protoseg import prototype_map
+from ..protoseg import _rescaled_sigmoid, _resize, prototype_map
 from .batch import as_batch, batch_value
 from .probe import LayerProbeHandler, second_item
 
@@ -148,11 +148,14 @@ class PrototypeMapHandler(LayerProbeHandler):
         guide = self.guide_weights(prob[:count])
         label = None if label is None else self.one_hot_label(label[:count].to(prob.device), prob.shape[1])
         streamed = self.streamed_inferer()
-        if streamed is not None:  # maps of every case of the batch, from two passes over its windows
-            classes = self.class_indices
-            layer_maps = streamed.prototype_maps(self.guide_weights(prob)[:, classes])
-            maps = {k: {layer: layer_maps[layer][:count, j:j + 1] for layer in self.layers}
-                    for j, k in enumerate(classes)}
+        if streamed is not None:  # from two passes over the batch's windows; one whole-size map at a time
+            logits = streamed.prototype_logits(self.guide_weights(prob)[:, self.class_indices])
+            maps = {k: {} for k in self.class_indices}
+            for layer in self.layers:
+                layer_maps = _rescaled_sigmoid(_resize(logits.pop(layer)[:count], prob.shape[2:]),
+                                               streamed.logit_scales[layer][:count])
+                for j, k in enumerate(self.class_indices):
+                    maps[k][layer] = layer_maps[:, j:j + 1]
         else:  # (count, 1, *S) per class and layer
             maps = {k: {layer: prototype_map(features[layer][:count], guide[:count, k:k + 1]) for layer in self.layers}
                     for k in self.class_indices}

@@ -51,13 +51,14 @@ def rows(path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-@pytest.mark.parametrize("blend, classes", [("constant", 1), ("gaussian", 3)])
-def test_streamed_scores_and_quality_rows_equal_stitched(tmp_path, blend, classes):
+@pytest.mark.parametrize("blend, classes, activation", [("constant", 1, "auto"), ("gaussian", 3, "auto"),
+                                                        ("gaussian", 3, "sigmoid")], ids=["one", "softmax", "multi-label"])
+def test_streamed_scores_and_quality_rows_equal_stitched(tmp_path, blend, classes, activation):
     network, batches = network_and_batches(classes)
     results = {}
     for mode in ("stitch", "stream"):
-        sa = SAScoreHandler(LAYERS, mode=mode, output_dir=tmp_path / mode)
-        quality = MeanSAQualityHandler(LAYERS[2:], mode=mode, output_dir=tmp_path / mode)
+        sa = SAScoreHandler(LAYERS, mode=mode, output_dir=tmp_path / mode, activation=activation)
+        quality = MeanSAQualityHandler(LAYERS[2:], mode=mode, output_dir=tmp_path / mode, activation=activation)
         evaluator = run(network, batches, [sa, quality], window(blend))
         assert hook_count(network) == 0 and isinstance(evaluator.inferer, SlidingWindowInferer)
         results[mode] = sa.metric.layer_scores(), rows(tmp_path / mode / "quality.csv")
@@ -135,8 +136,8 @@ def test_bad_mode_and_budget_are_named(mode, message):
 def test_streamed_prototype_map_snapshots_equal_stitched(monkeypatch):
     network, batches = network_and_batches(classes=3)
     streamed_batches = []
-    original = ProtoSegInferer.prototype_maps
-    monkeypatch.setattr(ProtoSegInferer, "prototype_maps",
+    original = ProtoSegInferer.prototype_logits
+    monkeypatch.setattr(ProtoSegInferer, "prototype_logits",
                         lambda self, prob: streamed_batches.append(self.streamed) or original(self, prob))
     snapshots = {}
     for mode in ("stitch", "stream"):
