@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,10 @@ from .scoring import batch_scoring
 __all__ = ["LayerProbeHandler"]
 
 _OUTPUT = ""  # the network's own module name: recording it captures the soft (pre post-transform) output
+
+_SHARED_SETTINGS: weakref.WeakKeyDictionary[ProtoSegInferer, tuple[list[str], str, float]] = weakref.WeakKeyDictionary()
+"""The layers, mode and memory budget a wrapped sliding window had before the handlers of a run joined it, put back
+when the run ends: a ``ProtoSegInferer`` the user made is left as it was."""
 
 
 class LayerProbeHandler:
@@ -198,6 +203,7 @@ class LayerProbeHandler:
         inferer = getattr(engine, "inferer", None)
         if isinstance(inferer, ProtoSegInferer) and isinstance(inferer.inferer, SlidingWindowInferer):
             resolve_layers(network, self.layers)  # another handler wraps the sliding window: share its recording
+            _SHARED_SETTINGS.setdefault(inferer, (list(inferer.layers), inferer.mode, inferer.memory_budget))
             self._share_mode(inferer)
             inferer.layers += [layer for layer in self.layers if layer not in inferer.layers]
             self._inferer = inferer
@@ -270,6 +276,9 @@ class LayerProbeHandler:
         if self._inferer is not None:
             if self._original_inferer is not None:  # this handler wrapped the inferer: put the original back
                 engine.inferer = self._original_inferer
+            elif self._inferer in _SHARED_SETTINGS:  # joined: the wrapper's own settings back, once the run ends
+                self._inferer.layers, self._inferer.mode, self._inferer.memory_budget = _SHARED_SETTINGS.pop(
+                    self._inferer)
             self._inferer = self._original_inferer = None
 
     def exception_raised(self, engine: Engine, error: BaseException) -> None:

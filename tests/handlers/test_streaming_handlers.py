@@ -120,7 +120,8 @@ def test_auto_handler_follows_a_users_streaming_inferer():
     inferer = ProtoSegInferer(window(), [], mode="stream")
     sa = SAScoreHandler(LAYERS)
     run(network, batches, [sa], inferer)
-    assert inferer.streamed and inferer.mode == "stream" and inferer.layers == LAYERS
+    assert inferer.streamed and inferer.mode == "stream"
+    assert inferer.layers == []  # the user's wrapper is left as it was: no layer of the handler's stays recorded
     stitched = SAScoreHandler(LAYERS, mode="stitch")
     run(network, batches, [stitched])
     torch.testing.assert_close(sa.metric.layer_scores(), stitched.metric.layer_scores(), atol=1e-6, rtol=0,
@@ -151,3 +152,13 @@ def test_streamed_prototype_map_snapshots_equal_stitched(monkeypatch):
         assert got.layers == want.layers and len(got.layers) == len(LAYERS)
         torch.testing.assert_close(torch.as_tensor(got.maps), torch.as_tensor(want.maps), atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.as_tensor(got.sa), torch.as_tensor(want.sa), atol=1e-6, rtol=0)
+
+
+def test_a_users_auto_inferer_gets_its_settings_back_after_a_streaming_run(tmp_path):
+    network, batches = network_and_batches()
+    inferer = ProtoSegInferer(window(), ["model.0"], mode="auto", memory_budget=2**30)
+    sa = SAScoreHandler(LAYERS, mode="stream", memory_budget=1024)
+    quality = MeanSAQualityHandler(LAYERS[2:], output_dir=tmp_path)
+    run(network, batches, [sa, quality], inferer)
+    assert inferer.streamed  # the run streamed: the handlers' explicit mode counted while it ran
+    assert (inferer.layers, inferer.mode, inferer.memory_budget) == (["model.0"], "auto", 2**30)
