@@ -74,9 +74,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.results import BenchmarkResult, Check, Table, command, machine_line  # noqa: E402
 from monai_protoseg import FeatureRecorder, QualityCalibration, QualityEstimator, candidate_layers, sa_score  # noqa: E402
 from monai_protoseg.estimator import (  # noqa: E402
+    ALPHAS,
     MARGIN_FEATURES,
     PREDICTION_FEATURES,
     PROTOTYPE_FEATURES,
+    TTA_FEATURE,
     default_feature_sets,
     feature_names,
     quality_features,
@@ -487,13 +489,24 @@ MNI_BASELINES = {"mean_sa": False, "fg_prob": False, "max_prob": False, "tta_dis
 PREVIOUS_FEATURES = ("mean_sa", "sa_", "fg_prob", "max_prob", "volume")
 """The estimator's features before issue 18's item 4 (``sa_`` stands for the SA profile)."""
 
-FEATURE_ADDITIONS = {"features: SA + fg_prob, max_prob, volume (default sets)": (),
+FEATURE_ADDITIONS = {"features: SA + fg_prob, max_prob, volume (before issue 18)": (),
                      "features: + entropy": ("entropy",),
                      "features: + boundary_margin": ("boundary_margin",),
+                     "features: + entropy, boundary_margin (default sets)": MARGIN_FEATURES,
                      "features: + prototype (proto_in, proto_out, proto_near)": PROTOTYPE_FEATURES,
-                     "features: + all three": ("entropy", "boundary_margin", *PROTOTYPE_FEATURES)}
+                     "features: + all five": (*MARGIN_FEATURES, *PROTOTYPE_FEATURES)}
 """Estimators fitted on the calibration CSV's columns (the default sets, ``all`` holding every column named): the
-features of the default sets, and each addition of issue 18's item 4."""
+features before issue 18 and each addition of its item 4."""
+
+DEFAULT_FEATURES = "features: + entropy, boundary_margin (default sets)"
+"""The :data:`FEATURE_ADDITIONS` row whose columns are the handler's default sets: the variants change one option."""
+
+VARIANTS = {"variant: per-class estimators (default sets)": {},
+            "variant: selection one_se (default sets)": {"selection": "one_se"},
+            "variant: selection min (default sets)": {"selection": "min"},
+            "variant: target identity (default sets)": {"target": "identity"}}
+"""Estimators on the default sets' columns with one option changed from the handler's defaults (per class: one
+estimator per class instead of one pooled)."""
 
 
 def mni152_seed(sets: dict[str, list[dict]], steps: int, seed: int, folder: str) -> list[dict[str, dict]]:
@@ -534,6 +547,7 @@ def mni152_seed(sets: dict[str, list[dict]], steps: int, seed: int, folder: str)
             results[f"baseline: {name}, calibrated"] = {"mae": mae, "r": r, "nested_mae": calibration.loo_mae,
                                                         "nested_r": calibration.pearson_r}
         results.update(feature_experiments(*tables["estimator, handler defaults"]))
+        results.update(in_sample_ceilings(tables["estimator, tta_flip=[-1] (left-right)"][1]))
         clean = [row for row in test if row["case"].endswith("0") and not np.isnan(float(row["true_dice"]))]
         clean_dice = {name: float(np.mean([float(row["true_dice"]) for row in clean if row["class"] == name]))
                       for name in ("grey", "white")}
@@ -553,8 +567,8 @@ def feature_experiments(validation: list[dict], test: list[dict]) -> dict[str, d
     groups = np.array([row["group"] for row in validation])
     classes_val, classes = np.array([row["class"] for row in validation]), np.array([row["class"] for row in test])
     variants = {label: (previous + list(added), {}, False) for label, added in FEATURE_ADDITIONS.items()}
-    variants["variant: per-class estimators (default sets)"] = (previous, {}, True)
-    variants["variant: selection min (default sets)"] = (previous, {"selection": "min"}, False)
+    defaults = variants[DEFAULT_FEATURES][0]
+    variants.update({label: (defaults, options, "per-class" in label) for label, options in VARIANTS.items()})
     results = {}
     for label, (columns, options, per_class) in variants.items():
         x_val = np.stack([column(validation, name) for name in columns], 1)
@@ -575,6 +589,27 @@ def feature_experiments(validation: list[dict], test: list[dict]) -> dict[str, d
         results[label] = {"mae": mae, "r": r, "nested_mae": float(np.nanmean(nested)), "chosen": "+".join(chosen)}
         if not per_class:
             results[label]["nested_r"] = estimator.nested_r
+    return results
+
+
+def in_sample_ceilings(test: list[dict]) -> dict[str, dict]:
+    """What the estimator's model could reach at best: fitted on the test rows themselves (the default sets' ``all``
+    columns, with and without ``tta_disagreement``; the logit target and smallest penalty) and scored on the same
+    rows. No held-out figure of this model on these features can be expected to do better."""
+    columns = [name for name in test[0] if name in ("mean_sa", *PREDICTION_FEATURES, *MARGIN_FEATURES)
+               or name.startswith("sa_")]
+    dice, groups = column(test, "true_dice"), np.array([row["group"] for row in test])
+    results = {}
+    for label, names in (("ceiling: default sets, fitted on the test part itself", columns),
+                         ("ceiling: default sets + tta_disagreement, fitted on the test part itself",
+                          [*columns, TTA_FEATURE])):
+        x = np.stack([column(test, name) for name in names], 1)
+        estimator = QualityEstimator.fit(x, dice, groups, feature_names=names, layers=[], feature_sets={"all": names},
+                                         alphas=[min(ALPHAS)], nested=False)
+        estimate = estimator.predict(x)
+        keep = ~np.isnan(dice) & ~np.isnan(estimate)
+        mae, r = mae_r(estimate[keep], dice[keep])
+        results[label] = {"mae": mae, "r": r}
     return results
 
 
@@ -634,6 +669,11 @@ def mni152_task(args: argparse.Namespace, quick: bool) -> tuple[str, list[Table]
         Check(f"real anatomy: interval coverage, distance from nominal {COVERAGE}",
               abs(mean(default, "coverage") - COVERAGE), "", 0.05, "<="),
     ]
+    tta = "estimator, tta_flip=[-1] (left-right)"
+    checks.append(Check(f"real anatomy: estimator with {tta.removeprefix('estimator, ')}: MAE / best calibrated "
+                        f"baseline MAE", mean(tta, "mae") / mean(best, "mae"), "x", 0.8, "<="))
+    checks.append(Check(f"real anatomy: estimator with {tta.removeprefix('estimator, ')}: r", mean(tta, "r"), "", 0.93,
+                        ">="))
     for method in methods:
         if method.startswith("estimator, tta_flip"):
             checks.append(Check(f"real anatomy: MAE {method.removeprefix('estimator, ')} / without TTA",

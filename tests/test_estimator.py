@@ -37,6 +37,9 @@ def validation_rows(n: int = 60, per_case: int = 2, seed: int = 0, noise: float 
 
 
 def fit(x, dice, groups=None, **kwargs) -> QualityEstimator:
+    """``QualityEstimator.fit`` on ``NAMES``; the target is Dice itself unless ``target`` is given, as the oracles
+    below regress Dice (the logit target has its own test)."""
+    kwargs.setdefault("target", "identity")
     return QualityEstimator.fit(x, dice, groups, feature_names=NAMES, layers=LAYERS, mean_sa_layers=LAYERS[1:],
                                 **kwargs)
 
@@ -415,16 +418,18 @@ def nested_by_hand(x, y, groups, sets, selection="min"):
                 fold_mae.append(np.abs(held - y[~test][inner == f]).mean())
             scores[name] = (alpha, mae, np.std(fold_mae, ddof=1) / math.sqrt(len(fold_mae)), index)
         best = min(scores, key=lambda name: scores[name][1])
+        within = [name for name in scores if scores[name][1] <= scores[best][1] + scores[best][2]]
         if selection == "one_se":
-            within = [name for name in scores if scores[name][1] <= scores[best][1] + scores[best][2]]
             best = min(within, key=lambda name: len(scores[name][3]))
+        elif selection == "one_se_largest":
+            best = max(within, key=lambda name: (len(scores[name][3]), -within.index(name)))
         alpha, _, _, index = scores[best]
         mean, scale, coef, intercept = ridge_by_lstsq(x[~test][:, index], y[~test], alpha)
         estimates[test] = np.clip(intercept + (x[test][:, index] - mean) / scale @ coef, 0, 1)
     return estimates
 
 
-@pytest.mark.parametrize("selection", ["min", "one_se"])
+@pytest.mark.parametrize("selection", ["min", "one_se", "one_se_largest"])
 def test_nested_cv_matches_a_hand_written_loop(selection):
     x, dice, groups = validation_rows(n=40, per_case=2, seed=3, noise=0.08)
     estimator = fit(x, dice, groups, selection=selection)
@@ -447,6 +452,28 @@ def test_one_se_rule_picks_the_fewest_features_within_one_standard_error():
     assert one_se.chosen == min(within, key=lambda name: len(scores[name].features))
     assert all(score.cv_mae_se > 0 for score in scores.values())
     assert math.isnan(one_se.nested_mae) and one_se.residuals == ()  # nested=False
+
+
+def test_one_se_largest_rule_picks_the_most_features_within_one_standard_error():
+    x, dice, groups = validation_rows(n=60, seed=7, noise=0.2)
+    largest = fit(x, dice, groups, selection="one_se_largest", nested=False)
+    scores = largest.feature_sets
+    best = min(scores, key=lambda name: scores[name].cv_mae)
+    within = [name for name in scores if scores[name].cv_mae <= scores[best].cv_mae + scores[best].cv_mae_se]
+    assert largest.chosen == max(within, key=lambda name: len(scores[name].features))
+    # on these rows the three rules choose three different sets: the test tells them apart
+    assert [largest.chosen, best, fit(x, dice, groups, selection="one_se", nested=False).chosen] == [
+        "all", "sa_profile", "mean_sa"]
+
+
+def test_defaults_are_the_logit_target_and_the_one_se_largest_rule():
+    x, dice, groups = validation_rows()
+    default = QualityEstimator.fit(x, dice, groups, feature_names=NAMES, layers=LAYERS, nested=False)
+    explicit = fit(x, dice, groups, target="logit", selection="one_se_largest", nested=False)
+    assert (default.target, default.selection) == ("logit", "one_se_largest")
+    np.testing.assert_array_equal(default.predict(x), explicit.predict(x))
+    assert default_feature_sets(feature_names(LAYERS, tta=True, prototype=True))["all"] == [
+        *feature_names(LAYERS), "tta_disagreement"]  # every column but the prototype features
 
 
 def test_logit_target_fits_the_logit_and_predicts_its_sigmoid():

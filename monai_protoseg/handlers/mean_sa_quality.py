@@ -149,9 +149,11 @@ class MeanSAQualityHandler(LayerProbeHandler):
             case, should share a group. The CSV then gets a ``group`` column.
         feature_sets: ``{name: [feature names]}`` compared by the estimator; ``None``: the default sets.
         alphas: the ridge penalties tried; ``None``: ``monai_protoseg.estimator.ALPHAS``.
-        selection: how the estimator chooses its feature set: ``"one_se"`` (the set with the fewest features within
-            one standard error of the best CV MAE) or ``"min"`` (the best CV MAE).
-        target: the estimator's regression target: ``"identity"`` (Dice) or ``"logit"``.
+        selection: how the estimator chooses its feature set: ``"one_se_largest"`` (the default: the set with the
+            most features within one standard error of the best CV MAE), ``"one_se"`` (the fewest features within
+            it) or ``"min"`` (the best CV MAE); see :data:`~monai_protoseg.estimator.SELECTIONS`.
+        target: the estimator's regression target: ``"logit"`` (the default: the logit of Dice, estimates through the
+            sigmoid) or ``"identity"`` (Dice); see :data:`~monai_protoseg.estimator.TARGETS`.
         coverage: nominal coverage of the intervals, in (0, 1).
         class_intervals: each class gets the interval width of its own residuals (when it has enough of them).
         review_rule: ``"upper"`` flags a row whose interval's upper bound is below ``threshold`` (confidently bad);
@@ -214,8 +216,8 @@ class MeanSAQualityHandler(LayerProbeHandler):
         group: str | Callable[[Mapping], Any] | None = None,
         feature_sets: Mapping[str, Sequence[str]] | None = None,
         alphas: Sequence[float] | None = None,
-        selection: str = "one_se",
-        target: str = "identity",
+        selection: str = "one_se_largest",
+        target: str = "logit",
         coverage: float = 0.9,
         class_intervals: bool = False,
         review_rule: str = "estimate",

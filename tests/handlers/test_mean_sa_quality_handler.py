@@ -346,7 +346,7 @@ def test_fit_estimator_during_validation_writes_the_json_and_the_feature_columns
     # the logged and saved figures are those of the nested cross-validation, and the log says so
     assert evaluator.state.metrics["quality_estimator_cv_mae"] == saved.nested_mae
     assert evaluator.state.metrics["quality_estimator_cv_r"] == pytest.approx(saved.nested_r, nan_ok=True)
-    assert f"chosen feature set {saved.chosen!r} (selection 'one_se'); nested cross-validation" in caplog.text
+    assert f"chosen feature set {saved.chosen!r} (selection 'one_se_largest'); nested cross-validation" in caplog.text
     assert f"saved to {path}" in caplog.text
     assert all(f" {name} " in caplog.text for name in ("mean_sa", "sa_profile", "confidence", "all"))
 
@@ -389,7 +389,8 @@ def test_inference_estimates_equal_the_estimator_on_the_written_features(tmp_pat
             for name, m, s, c in zip(estimator.features, estimator.mean, estimator.scale, estimator.coef)
         )
         estimated = float(row["estimated_dice"])
-        assert estimated == pytest.approx(min(max(explicit, 0), 1), abs=1e-5)
+        assert estimator.target == "logit"  # the default: the regression's output is a logit of Dice
+        assert estimated == pytest.approx(1 / (1 + math.exp(-explicit)), abs=1e-5)
         assert estimated == pytest.approx(estimator.predict(x), abs=1e-5)
         assert row["note"] == "estimator (all)" and row["review"] == str(estimated < 0.5)
     assert evaluator.state.metrics["quality_review"] == sum(row["review"] == "True" for row in rows)
