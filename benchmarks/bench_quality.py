@@ -501,12 +501,14 @@ features before issue 18 and each addition of its item 4."""
 DEFAULT_FEATURES = "features: + entropy, boundary_margin (default sets)"
 """The :data:`FEATURE_ADDITIONS` row whose columns are the handler's default sets: the variants change one option."""
 
-VARIANTS = {"variant: per-class estimators (default sets)": {},
+VARIANTS = {"variant: per_class=True (default sets)": {"per_class": True},
+            "variant: per_class=False (default sets)": {"per_class": False},
             "variant: selection one_se (default sets)": {"selection": "one_se"},
             "variant: selection min (default sets)": {"selection": "min"},
             "variant: target identity (default sets)": {"target": "identity"}}
-"""Estimators on the default sets' columns with one option changed from the handler's defaults (per class: one
-estimator per class instead of one pooled)."""
+"""Estimators on the default sets' columns with one option changed from the handler's defaults (``per_class="auto"``,
+``selection="one_se_largest"``, ``target="logit"``): per-class estimators always or never, the other selection rules,
+Dice as the target."""
 
 
 def mni152_seed(sets: dict[str, list[dict]], steps: int, seed: int, folder: str) -> list[dict[str, dict]]:
@@ -532,7 +534,7 @@ def mni152_seed(sets: dict[str, list[dict]], steps: int, seed: int, folder: str)
             mae, r = mae_r(estimate[defined], dice[defined])
             inside = (low[defined] <= dice[defined]) & (dice[defined] <= high[defined])
             results[label] = {"mae": mae, "r": r, "nested_mae": estimator.nested_mae, "nested_r": estimator.nested_r,
-                              "chosen": estimator.chosen, "coverage": float(inside.mean()),
+                              "chosen": chosen_sets(estimator), "coverage": float(inside.mean()),
                               "width": float((high - low)[defined].mean()),
                               "flags": {rule: flag_scores(bound[defined], dice[defined])
                                         for rule, bound in (("estimate", estimate), ("upper", high))}}
@@ -558,38 +560,36 @@ def mni152_seed(sets: dict[str, list[dict]], steps: int, seed: int, folder: str)
 
 def feature_experiments(validation: list[dict], test: list[dict]) -> dict[str, dict]:
     """Estimators fitted on the calibration CSV's feature columns (grouped by block, nested CV on), scored on the test
-    rows: the features of the default sets and each addition (:data:`FEATURE_ADDITIONS`), per-class estimators
-    against the pooled one, and the selection rule."""
+    rows: the features of the default sets and each addition (:data:`FEATURE_ADDITIONS`), and the handler's options
+    changed one at a time (:data:`VARIANTS`)."""
     every = [name for name in validation[0] if name in ("mean_sa", *PREDICTION_FEATURES, *MARGIN_FEATURES,
                                                           *PROTOTYPE_FEATURES) or name.startswith("sa_")]
     previous = [name for name in every if name.startswith(PREVIOUS_FEATURES)]
     dice_val, dice = column(validation, "true_dice"), column(test, "true_dice")
     groups = np.array([row["group"] for row in validation])
     classes_val, classes = np.array([row["class"] for row in validation]), np.array([row["class"] for row in test])
-    variants = {label: (previous + list(added), {}, False) for label, added in FEATURE_ADDITIONS.items()}
+    variants = {label: (previous + list(added), {}) for label, added in FEATURE_ADDITIONS.items()}
     defaults = variants[DEFAULT_FEATURES][0]
-    variants.update({label: (defaults, options, "per-class" in label) for label, options in VARIANTS.items()})
+    variants.update({label: (defaults, options) for label, options in VARIANTS.items()})
     results = {}
-    for label, (columns, options, per_class) in variants.items():
+    for label, (columns, options) in variants.items():
         x_val = np.stack([column(validation, name) for name in columns], 1)
         x = np.stack([column(test, name) for name in columns], 1)
-        estimate, nested = np.full(dice.size, math.nan), np.full(dice_val.size, math.nan)
-        chosen = []
-        for part in np.unique(classes_val) if per_class else [None]:
-            rows_val = classes_val == part if per_class else np.ones(dice_val.size, bool)
-            rows = classes == part if per_class else np.ones(dice.size, bool)
-            estimator = QualityEstimator.fit(x_val[rows_val], dice_val[rows_val], groups[rows_val],
-                                             feature_names=columns, layers=[], **options,
-                                             feature_sets={**default_feature_sets(columns), "all": columns})
-            estimate[rows] = estimator.predict(x[rows])
-            nested[rows_val] = estimator.nested_mae  # one nested MAE per part, weighted by its rows below
-            chosen.append(estimator.chosen)
+        estimator = QualityEstimator.fit(x_val, dice_val, groups, feature_names=columns, layers=[], classes=classes_val,
+                                         feature_sets={**default_feature_sets(columns), "all": columns}, **options)
+        estimate = estimator.predict(x, classes)
         keep = ~np.isnan(dice) & ~np.isnan(estimate)
         mae, r = mae_r(estimate[keep], dice[keep])
-        results[label] = {"mae": mae, "r": r, "nested_mae": float(np.nanmean(nested)), "chosen": "+".join(chosen)}
-        if not per_class:
-            results[label]["nested_r"] = estimator.nested_r
+        results[label] = {"mae": mae, "r": r, "nested_mae": estimator.nested_mae, "nested_r": estimator.nested_r,
+                          "chosen": chosen_sets(estimator)}
     return results
+
+
+def chosen_sets(estimator: QualityEstimator) -> str:
+    """The chosen feature set, or each class's (``grey: all / white: confidence``) for per-class estimators."""
+    if not estimator.per_class:
+        return estimator.chosen
+    return " / ".join(f"{label}: {model.chosen}" for label, model in estimator.per_class.items())
 
 
 def in_sample_ceilings(test: list[dict]) -> dict[str, dict]:

@@ -47,7 +47,7 @@ import math
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,7 @@ __all__ = [
     "group_folds",
     "SELECTIONS",
     "TARGETS",
+    "PER_CLASS",
     "ESTIMATOR_FORMAT",
     "ESTIMATOR_VERSION",
     "ALPHAS",
@@ -85,9 +86,10 @@ __all__ = [
 ESTIMATOR_FORMAT = "monai_protoseg.QualityEstimator"
 """The ``"format"`` field of a saved estimator."""
 
-ESTIMATOR_VERSION = 2
+ESTIMATOR_VERSION = 3
 """The ``"version"`` field written by ``QualityEstimator.save``; ``load`` reads this version and older (version 1 files
-have no nested cross-validation, residuals or selection rule: their intervals are undefined)."""
+have no nested cross-validation, residuals or selection rule: their intervals are undefined; version 2 files have no
+per-class estimators)."""
 
 SELECTIONS = ("one_se_largest", "one_se", "min")
 """How ``QualityEstimator.fit`` chooses the feature set:
@@ -99,15 +101,20 @@ SELECTIONS = ("one_se_largest", "one_se", "min")
 - ``"min"``: the smallest CV MAE.
 
 On the real-anatomy benchmark (``benchmarks/bench_quality.py --task mni152``, 3 seeds x 2 splits, default feature
-sets, logit target) the test MAE was 0.046 with ``"one_se_largest"`` (``all`` chosen in all 6 runs), 0.048 with
+sets, logit target) the test MAE was 0.047 with ``"one_se_largest"`` (``all`` chosen in every run), 0.048 with
 ``"min"`` (which switched to ``confidence`` once) and 0.054 with ``"one_se"`` (which chose ``mean_sa`` or
 ``confidence`` in 3 of 6 runs, dropping features the held-out part needed)."""
+
+PER_CLASS = ("auto", True, False)
+"""``QualityEstimator.fit``'s ``per_class``: fit one estimator per class beside the pooled one and keep them when their
+nested MAE beats the pooled one's by more than one standard error (``"auto"``), always (``True``) or never
+(``False``)."""
 
 TARGETS = ("logit", "identity")
 """What the ridge regression fits: ``"logit"`` (the default), ``logit(clip(Dice, LOGIT_EPS, 1 - LOGIT_EPS))`` with
 estimates mapped back by the sigmoid, so they stay inside (0, 1) and bend toward its ends as Dice does; or
 ``"identity"``, Dice itself (estimates clipped to [0, 1]). On the real-anatomy benchmark (default sets and selection,
-no TTA) the logit gave a test MAE of 0.046 against 0.048, r +0.833 against +0.830."""
+no TTA) the logit gave a test MAE of 0.047 against 0.048, r +0.830 against +0.830."""
 
 LOGIT_EPS = 0.01
 """Dice is clipped to ``[LOGIT_EPS, 1 - LOGIT_EPS]`` before the logit of ``target="logit"``."""
@@ -465,6 +472,10 @@ class QualityEstimator:
     residuals: tuple[float, ...] = ()
     residual_classes: tuple[str, ...] = ()
     tta_axes: tuple[int, ...] = ()
+    per_class: dict[str, QualityEstimator] = field(default_factory=dict)
+    pooled_nested_mae: float = math.nan
+    per_class_nested_mae: float = math.nan
+    per_class_se: float = math.nan
 
     @classmethod
     def fit(
@@ -482,6 +493,7 @@ class QualityEstimator:
         target: str = "logit",
         classes: ArrayLike | None = None,
         nested: bool = True,
+        per_class: bool | str = "auto",
     ) -> QualityEstimator:
         """Fit on validation rows with ground truth; choose the penalty and the feature set by grouped CV, and measure
         the whole procedure by nested grouped CV.
@@ -501,13 +513,19 @@ class QualityEstimator:
             classes: ``(n,)`` the class of each row, kept with the residuals for per-class intervals; ``None``: none.
             nested: run the nested cross-validation (``nested_r``, ``nested_mae``, ``residuals``); ``False`` leaves
                 them undefined (faster; no intervals).
+            per_class: with ``classes`` of two or more classes, also fit one estimator per class (the same
+                procedure on the class's rows; see :data:`PER_CLASS`): ``"auto"`` keeps them when their nested MAE
+                is lower than the pooled one's by more than one standard error of the paired difference (over the
+                groups), ``True`` always (an error if a class has too few rows), ``False`` never. Without ``nested``
+                there is no comparison: ``"auto"`` keeps the pooled estimator, ``True`` is an error.
 
         Returns:
             The fitted estimator.
 
         Raises:
             ValueError: inputs of wrong shape, Inf, Dice outside [0, 1], unknown feature names or options, or fewer
-                than ``MIN_ROWS`` valid rows or ``MIN_GROUPS`` groups (the message says how many and why).
+                than ``MIN_ROWS`` valid rows or ``MIN_GROUPS`` groups (the message says how many and why; with
+                ``per_class=True``, of which class).
         """
         x = _as_array(features, "features", 2)
         y = _as_array(dice, "dice", 1)
@@ -526,6 +544,11 @@ class QualityEstimator:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+        if not any(per_class is option for option in PER_CLASS):
+            raise ValueError(f"per_class must be one of {PER_CLASS}, got {per_class!r}.")
+        if per_class is True and not nested:
+            raise ValueError("per_class=True keeps the per-class estimators' nested cross-validation: it needs "
+                             "nested=True (or per_class='auto' / False).")
         if np.isinf(x).any() or np.isinf(y).any():
             raise ValueError("features and dice must be finite or NaN (undefined), got Inf.")
         if ((y < 0) | (y > 1)).any():
@@ -539,58 +562,68 @@ class QualityEstimator:
             if not columns or unknown:
                 raise ValueError(f"feature set {name!r} must name features of {names}; unknown: {unknown}.")
         valid = ~(np.isnan(x).any(1) | np.isnan(y))
-        x, y, groups = x[valid], y[valid], groups[valid]
-        n_groups = int(np.unique(groups).size)
-        if y.size < MIN_ROWS or n_groups < MIN_GROUPS:
-            raise ValueError(
-                f"cannot fit a quality estimator on {y.size} valid row(s) from {n_groups} group(s) "
-                f"({int((~valid).sum())} of {valid.size} excluded because a feature or the true Dice is undefined): "
-                f"at least {MIN_ROWS} rows from {MIN_GROUPS} groups are needed."
-            )
-        index = {name: [names.index(column) for column in columns] for name, columns in sets.items()}
-        folds = group_folds(groups, min(MAX_FOLDS, n_groups))
-        scores, chosen = _select(x, y, folds, index, sets, alphas, selection, target)
-        mean, scale, coef, intercept = _ridge(x[:, index[chosen]], _forward(y, target), scores[chosen].alpha)
-        nested_r = nested_mae = math.nan
-        residuals: tuple[float, ...] = ()
-        if nested:
-            estimates = _nested_estimates(x, y, groups, folds, index, sets, alphas, selection, target)
-            nested_r, nested_mae = _pearson(estimates, y), float(np.abs(estimates - y).mean())
-            residuals = tuple(np.abs(estimates - y).tolist())
-        return cls(
-            feature_names=tuple(names),
-            layers=tuple(layers),
-            mean_sa_layers=tuple(layers if mean_sa_layers is None else mean_sa_layers),
-            chosen=chosen,
-            features=tuple(sets[chosen]),
-            alpha=scores[chosen].alpha,
-            mean=tuple(mean.tolist()),
-            scale=tuple(scale.tolist()),
-            coef=tuple(coef.tolist()),
-            intercept=intercept,
-            feature_sets=scores,
-            n_rows=int(y.size),
-            n_groups=n_groups,
-            n_excluded=int((~valid).sum()),
-            n_folds=int(folds.max() + 1),
-            versions=_versions(),
-            selection=selection,
-            target=target,
-            nested_r=nested_r,
-            nested_mae=nested_mae,
-            residuals=residuals,
-            residual_classes=() if classes is None or not nested else tuple(classes[valid].tolist()),
-        )
+        _check_enough(y[valid], groups[valid], valid)
+        common = dict(feature_names=tuple(names), layers=tuple(layers), selection=selection, target=target,
+                      mean_sa_layers=tuple(layers if mean_sa_layers is None else mean_sa_layers), versions=_versions())
+        rules = dict(index={name: [names.index(column) for column in columns] for name, columns in sets.items()},
+                     sets=sets, alphas=alphas, selection=selection, target=target, nested=nested)
+        pooled, estimates = _fit_rows(x[valid], y[valid], groups[valid], valid, **rules)
+        models: dict[str, QualityEstimator] = {}
+        comparison = (math.nan, math.nan, math.nan)
+        if per_class is not False and nested and classes is not None and np.unique(classes[valid]).size > 1:
+            models, comparison, estimates = cls._fit_per_class(x, y, groups, classes, valid, per_class, estimates,
+                                                               common, rules)
+        return cls(**common, **pooled, **_nested_record(estimates, y[valid]),
+                   residual_classes=() if classes is None or not nested else tuple(classes[valid].tolist()),
+                   per_class=models, pooled_nested_mae=comparison[0], per_class_nested_mae=comparison[1],
+                   per_class_se=comparison[2])
 
-    def predict(self, features: ArrayLike) -> np.ndarray:
-        """Estimated Dice, clipped to [0, 1]; NaN where a feature of the chosen set is NaN.
+    @classmethod
+    def _fit_per_class(
+        cls, x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: np.ndarray, valid: np.ndarray,
+        per_class: bool | str, pooled_estimates: np.ndarray, common: dict, rules: dict,
+    ) -> tuple[dict[str, QualityEstimator], tuple[float, float, float], np.ndarray]:
+        """One estimator per class and the comparison with the pooled one: ``(models, (pooled nested MAE, per-class
+        nested MAE, SE of the difference), nested estimates of the procedure kept)``; ``models`` is empty when the
+        pooled estimator is kept (or, with ``per_class="auto"``, a class has too few rows)."""
+        models, estimates = {}, np.empty(int(valid.sum()))
+        for label in sorted(set(classes[valid].tolist())):
+            rows = classes == label
+            try:
+                _check_enough(y[rows & valid], groups[rows & valid], valid[rows])
+            except ValueError as error:
+                if per_class is True:
+                    raise ValueError(f"per_class=True: class {label!r}: {error}") from error
+                return {}, (math.nan, math.nan, math.nan), pooled_estimates
+            own = rows[valid]
+            fitted, estimates[own] = _fit_rows(x[rows & valid], y[rows & valid], groups[rows & valid], valid[rows],
+                                               **rules)
+            models[label] = cls(**common, **fitted, **_nested_record(estimates[own], y[rows & valid]),
+                                residual_classes=(label,) * int(own.sum()))
+        y, groups = y[valid], groups[valid]
+        difference = np.abs(estimates - y) - np.abs(pooled_estimates - y)
+        by_group = np.array([difference[groups == group].mean() for group in np.unique(groups)])
+        se = float(by_group.std(ddof=1) / math.sqrt(by_group.size))
+        comparison = (float(np.abs(pooled_estimates - y).mean()), float(np.abs(estimates - y).mean()), se)
+        if per_class is True or difference.mean() + se < 0:
+            return models, comparison, estimates
+        return {}, comparison, pooled_estimates
+
+    def predict(self, features: ArrayLike, classes: ArrayLike | None = None) -> np.ndarray:
+        """Estimated Dice, in [0, 1]; NaN where a feature of the chosen set is NaN.
 
         Args:
             features: ``(..., F)`` rows with the columns of ``feature_names`` (all of them, in order; only the
                 chosen set's are used), e.g. ``(N, K, F)`` from :func:`quality_features`.
+            classes: the class of each row (shape ``features.shape[:-1]``); needed, and used, only when the
+                estimator holds one estimator per class (``per_class``): each row is estimated by its class's.
 
         Returns:
             ``(...)`` float64 array.
+
+        Raises:
+            ValueError: ``features`` has the wrong number of columns; a per-class estimator got no ``classes``, or
+                classes of the wrong shape or that it was not fitted on (the message names them).
         """
         x = _as_array(features, "features")
         if x.ndim < 1 or x.shape[-1] != len(self.feature_names):
@@ -598,9 +631,24 @@ class QualityEstimator:
                 f"features must have {len(self.feature_names)} columns ({list(self.feature_names)}) in the last "
                 f"dimension, got shape {x.shape}."
             )
-        index = [self.feature_names.index(name) for name in self.features]
-        standardised = (x[..., index] - np.array(self.mean)) / np.array(self.scale)
-        return _backward(self.intercept + standardised @ np.array(self.coef), self.target)
+        if not self.per_class:
+            index = [self.feature_names.index(name) for name in self.features]
+            standardised = (x[..., index] - np.array(self.mean)) / np.array(self.scale)
+            return _backward(self.intercept + standardised @ np.array(self.coef), self.target)
+        if classes is None:
+            raise ValueError(f"this quality estimator holds one estimator per class ({', '.join(self.per_class)}): "
+                             "pass the class of each row (classes=...).")
+        classes = np.asarray(classes).astype(str)
+        if classes.shape != x.shape[:-1]:
+            raise ValueError(f"classes must have the shape of the rows {x.shape[:-1]}, got {classes.shape}.")
+        unknown = sorted(set(classes.reshape(-1).tolist()) - set(self.per_class))
+        if unknown:
+            raise ValueError(f"classes {unknown} have no estimator: this one was fitted per class on "
+                             f"{list(self.per_class)}.")
+        estimate = np.empty(x.shape[:-1])
+        for label, model in self.per_class.items():
+            estimate[classes == label] = model.predict(x[classes == label])
+        return estimate
 
     def interval(
         self, estimate: ArrayLike, coverage: float, classes: ArrayLike | None = None
@@ -656,34 +704,62 @@ class QualityEstimator:
 
     def cv_table(self) -> str:
         """The cross-validated score of every feature set, one line each, the chosen one marked with ``*``, then the
-        nested cross-validation of the whole procedure (the honest figures)."""
+        nested cross-validation of the whole procedure (the honest figures); then the per-class estimators, if any,
+        the same way, and the comparison of pooled and per-class nested MAE."""
         lines = [f"  {'feature set':12s} {'features':>8s} {'alpha':>8s} {'CV r':>7s} {'CV MAE':>7s} {'SE':>6s}"]
-        for name, score in self.feature_sets.items():
-            mark = "*" if name == self.chosen else " "
-            lines.append(f"{mark} {name:12s} {len(score.features):8d} {score.alpha:8.3g} {score.cv_r:7.3f} "
-                         f"{score.cv_mae:7.3f} {score.cv_mae_se:6.3f}")
+        for label, model in [("", self), *self.per_class.items()]:
+            prefix = f"{label}: " if label else ""
+            for name, score in model.feature_sets.items():
+                mark = "*" if name == model.chosen and (label or not self.per_class) else " "
+                lines.append(f"{mark} {prefix + name:12s} {len(score.features):8d} {score.alpha:8.3g} "
+                             f"{score.cv_r:7.3f} {score.cv_mae:7.3f} {score.cv_mae_se:6.3f}")
         lines.append(f"  {'nested CV':12s} {'':8s} {'':8s} {self.nested_r:7.3f} {self.nested_mae:7.3f}  "
-                     f"(selection by {self.selection!r} repeated inside every outer fold)")
+                     f"(selection by {self.selection!r} repeated inside every outer fold"
+                     f"{', one estimator per class' if self.per_class else ''})")
+        if not math.isnan(self.per_class_nested_mae):
+            lines.append(f"  nested CV MAE pooled {self.pooled_nested_mae:.3f}, per class {self.per_class_nested_mae:.3f} "
+                         f"(SE of the difference {self.per_class_se:.3f}): "
+                         f"{'per class' if self.per_class else 'pooled'} kept")
         return "\n".join(lines)
 
     def cv_rows(self) -> tuple[list[str], list[list]]:
         """The per-set CV table as CSV columns and rows (``quality_cv.csv``): one row per feature set (``cv``:
         ``"grouped"``, selection-biased for the chosen one), then the nested CV of the whole procedure (``cv``:
-        ``"nested"``, feature set ``"selected"``)."""
+        ``"nested"``, feature set ``"selected"``). With per-class estimators, each class's sets and nested row follow
+        (``class`` the class name; the pooled rows have ``class`` ``"pooled"``), and the procedure in use, last, has
+        ``class`` ``"per class"``; when the two were compared, the pooled procedure's nested MAE has a row too."""
         columns = ["feature_set", "features", "n_features", "alpha", "cv_r", "cv_mae", "cv_mae_se", "chosen", "cv",
-                   "n_rows", "n_groups", "n_folds", "selection", "target"]
+                   "n_rows", "n_groups", "n_folds", "selection", "target", "class"]
+        rows = []
+        for label, model in [("pooled", self), *self.per_class.items()]:
+            common = [model.n_rows, model.n_groups, model.n_folds, model.selection, model.target, label]
+            in_use = label != "pooled" or not self.per_class
+            rows += [[name, " ".join(score.features), len(score.features), score.alpha, score.cv_r, score.cv_mae,
+                      score.cv_mae_se, in_use and name == model.chosen, "grouped", *common]
+                     for name, score in model.feature_sets.items()]
+            if label != "pooled":
+                rows.append(["selected", " ".join(model.features), len(model.features), model.alpha, model.nested_r,
+                             model.nested_mae, math.nan, True, "nested", *common])
         common = [self.n_rows, self.n_groups, self.n_folds, self.selection, self.target]
-        rows = [[name, " ".join(score.features), len(score.features), score.alpha, score.cv_r, score.cv_mae,
-                 score.cv_mae_se, name == self.chosen, "grouped", *common]
-                for name, score in self.feature_sets.items()]
-        rows.append(["selected", " ".join(self.features), len(self.features), self.alpha, self.nested_r,
-                     self.nested_mae, math.nan, True, "nested", *common])
+        if self.per_class:
+            rows.append(["selected", " ".join(self.features), len(self.features), self.alpha, math.nan,
+                         self.pooled_nested_mae, math.nan, False, "nested", *common, "pooled"])
+        elif not math.isnan(self.per_class_nested_mae):
+            rows.append(["selected", "", 0, math.nan, math.nan, self.per_class_nested_mae, math.nan, False, "nested",
+                         *common, "per class"])
+        if self.per_class:  # each class has its own set and penalty (in its rows above)
+            rows.append(["selected", "", 0, math.nan, self.nested_r, self.nested_mae, math.nan, True, "nested",
+                         *common, "per class"])
+        else:
+            rows.append(["selected", " ".join(self.features), len(self.features), self.alpha, self.nested_r,
+                         self.nested_mae, math.nan, True, "nested", *common, "pooled"])
         return columns, rows
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-ready dict, with ``format`` and ``version``; NaN becomes ``None``; the ``fingerprint``
         only when there is one."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fingerprint"}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fingerprint", "per_class")}
+        values["per_class"] = {label: model.to_dict() for label, model in self.per_class.items()}
         values["feature_sets"] = {
             name: {"features": list(score.features), "alpha": score.alpha, "cv_r": _nan_to_none(score.cv_r),
                    "cv_mae": _nan_to_none(score.cv_mae), "cv_mae_se": _nan_to_none(score.cv_mae_se)}
@@ -692,7 +768,7 @@ class QualityEstimator:
         for name in ("feature_names", "layers", "mean_sa_layers", "features", "mean", "scale", "coef", "residuals",
                      "residual_classes", "tta_axes"):
             values[name] = list(values[name])
-        for name in ("nested_r", "nested_mae"):
+        for name in ("nested_r", "nested_mae", "pooled_nested_mae", "per_class_nested_mae", "per_class_se"):
             values[name] = _nan_to_none(values[name])
         if self.fingerprint is not None:
             values["fingerprint"] = self.fingerprint.to_dict()
@@ -723,7 +799,8 @@ class QualityEstimator:
                 f"(a newer monai_protoseg may have written it)."
             )
         optional = {"fingerprint", "selection", "target", "nested_r", "nested_mae", "residuals", "residual_classes",
-                    "tta_axes"}  # absent from version 1 files
+                    "tta_axes",  # absent from version 1 files
+                    "per_class", "pooled_nested_mae", "per_class_nested_mae", "per_class_se"}  # and version 2
         missing = [f.name for f in fields(cls) if f.name not in optional and f.name not in data]
         if missing:
             raise ValueError(f"missing field(s): {', '.join(missing)}.")
@@ -748,6 +825,20 @@ class QualityEstimator:
                                       high=math.inf if logit else 1)
         values["nested_r"] = _number(data.get("nested_r"), "nested_r", nullable=True, low=-1, high=1)
         values["nested_mae"] = _number(data.get("nested_mae"), "nested_mae", nullable=True, low=0, high=1)
+        for name in ("pooled_nested_mae", "per_class_nested_mae", "per_class_se"):
+            values[name] = _number(data.get(name), name, nullable=True, low=0, high=1)
+        per_class = data.get("per_class", {})
+        if not isinstance(per_class, Mapping):
+            raise ValueError(f"per_class must map class names to estimators, got {per_class!r}.")
+        values["per_class"] = {}
+        for label, model in per_class.items():
+            try:
+                values["per_class"][label] = cls.from_dict(model)
+            except ValueError as error:
+                raise ValueError(f"per_class[{label!r}]: {error}") from error
+            if values["per_class"][label].per_class or values["per_class"][label].feature_names != tuple(
+                    _strings(data["feature_names"], "feature_names")):
+                raise ValueError(f"per_class[{label!r}] must be a single estimator on the same feature_names.")
         values["residuals"] = tuple(_number(value, f"residuals[{i}]", low=0, high=1)
                                     for i, value in enumerate(_list(data.get("residuals", []), "residuals")))
         values["residual_classes"] = _strings(data.get("residual_classes", []), "residual_classes")
@@ -896,6 +987,45 @@ def _nested_estimates(
         mean, scale, coef, intercept = _ridge(x[~test][:, columns], _forward(y[~test], target), scores[chosen].alpha)
         estimates[test] = _backward(intercept + ((x[test][:, columns] - mean) / scale) @ coef, target)
     return estimates
+
+
+def _check_enough(y: np.ndarray, groups: np.ndarray, valid: np.ndarray) -> None:
+    """Raise unless the valid rows ``y`` (of the ``valid`` mask over all rows) hold ``MIN_ROWS`` rows from
+    ``MIN_GROUPS`` groups; the message says how many and how many were excluded."""
+    n_groups = int(np.unique(groups).size)
+    if y.size < MIN_ROWS or n_groups < MIN_GROUPS:
+        raise ValueError(
+            f"cannot fit a quality estimator on {y.size} valid row(s) from {n_groups} group(s) "
+            f"({int((~valid).sum())} of {valid.size} excluded because a feature or the true Dice is undefined): "
+            f"at least {MIN_ROWS} rows from {MIN_GROUPS} groups are needed."
+        )
+
+
+def _fit_rows(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray, valid: np.ndarray, *, index: Mapping[str, list[int]],
+    sets: Mapping[str, list[str]], alphas: Sequence[float], selection: str, target: str, nested: bool,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The fitted fields of a :class:`QualityEstimator` on valid rows (penalty and set chosen by grouped CV, refitted
+    on all of them) and the nested out-of-fold estimates (``None`` without ``nested``); ``valid`` is the mask of the
+    rows among all given, for ``n_excluded``."""
+    n_groups = int(np.unique(groups).size)
+    folds = group_folds(groups, min(MAX_FOLDS, n_groups))
+    scores, chosen = _select(x, y, folds, index, sets, alphas, selection, target)
+    mean, scale, coef, intercept = _ridge(x[:, index[chosen]], _forward(y, target), scores[chosen].alpha)
+    fitted = dict(chosen=chosen, features=tuple(sets[chosen]), alpha=scores[chosen].alpha, mean=tuple(mean.tolist()),
+                  scale=tuple(scale.tolist()), coef=tuple(coef.tolist()), intercept=intercept, feature_sets=scores,
+                  n_rows=int(y.size), n_groups=n_groups, n_excluded=int((~valid).sum()), n_folds=int(folds.max() + 1))
+    if not nested:
+        return fitted, None
+    return fitted, _nested_estimates(x, y, groups, folds, index, sets, alphas, selection, target)
+
+
+def _nested_record(estimates: np.ndarray | None, y: np.ndarray) -> dict[str, Any]:
+    """``nested_r``, ``nested_mae`` and ``residuals`` of nested out-of-fold ``estimates`` (undefined for ``None``)."""
+    if estimates is None:
+        return dict(nested_r=math.nan, nested_mae=math.nan, residuals=())
+    errors = np.abs(estimates - y)
+    return dict(nested_r=_pearson(estimates, y), nested_mae=float(errors.mean()), residuals=tuple(errors.tolist()))
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:

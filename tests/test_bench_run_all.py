@@ -187,11 +187,17 @@ def test_figures_follow_from_the_measurements(quick_run):
     defaults = real_rows["estimator, handler defaults"]
     real_baselines = {name: row for name, row in real_rows.items() if name.startswith("baseline:")}
     best_real = min(real_baselines, key=lambda name: float(real_baselines[name]["test MAE"]))
-    real_mae, real_r, coverage, *tta_checks = quality_checks[len(signals) + 2:]
+    real_mae, real_r, coverage, flip_mae, flip_r, *tta_checks = quality_checks[len(signals) + 2:]
     assert real_mae["figure"] == f"real anatomy: estimator MAE / best calibrated baseline MAE ({best_real})"
     assert_quotient(real_mae["value"], defaults["test MAE"], real_baselines[best_real]["test MAE"])
     assert float(real_r["value"]) == pytest.approx(float(defaults["test r"]), abs=2e-3)
     assert float(coverage["value"]) == pytest.approx(abs(float(defaults["coverage"]) - 0.9), abs=2e-3)
+    flip = real_rows["estimator, tta_flip=[-1] (left-right)"]
+    assert flip_mae["figure"] == ("real anatomy: estimator with tta_flip=[-1] (left-right): MAE / best calibrated "
+                                  "baseline MAE")
+    assert_quotient(flip_mae["value"], flip["test MAE"], real_baselines[best_real]["test MAE"])
+    assert flip_r["figure"] == "real anatomy: estimator with tta_flip=[-1] (left-right): r"
+    assert float(flip_r["value"]) == pytest.approx(float(flip["test r"]), abs=2e-3)
     tta_rows = [name for name in real_rows if name.startswith("estimator, tta_flip")]
     assert [check["figure"] for check in tta_checks] == [
         f"real anatomy: MAE {name.removeprefix('estimator, ')} / without TTA" for name in tta_rows]

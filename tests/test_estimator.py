@@ -207,7 +207,7 @@ def test_json_round_trip_is_exact(tmp_path):
     estimator = fit(x, dice, groups)
     path = estimator.save(tmp_path / "nested" / "estimator.json")
     data = json.loads(path.read_text())
-    assert data["format"] == ESTIMATOR_FORMAT and data["version"] == 2
+    assert data["format"] == ESTIMATOR_FORMAT and data["version"] == 3
     assert data["versions"] == {"monai_protoseg": monai_protoseg.__version__, "torch": torch.__version__,
                                 "numpy": np.__version__}
     assert data["feature_names"] == NAMES and data["layers"] == LAYERS and data["mean_sa_layers"] == LAYERS[1:]
@@ -242,7 +242,7 @@ def test_loading_for_other_layers_is_an_error_that_names_both(tmp_path):
     "edit, match",
     [
         (lambda d: {**d, "format": "monai_protoseg.QualityCalibration"}, "format must be 'monai_protoseg.Quality"),
-        (lambda d: {**d, "version": 3}, "version 3 is not supported"),
+        (lambda d: {**d, "version": 4}, "version 4 is not supported"),
         (lambda d: {k: v for k, v in d.items() if k not in ("coef", "layers")}, "missing field.*layers.*coef"),
         (lambda d: {**d, "coef": d["coef"][:-1]}, "one mean, scale and coef each"),
         (lambda d: {**d, "intercept": None}, "intercept must be a finite number"),
@@ -538,3 +538,104 @@ def test_three_groups_give_three_folds_and_nested_cv_still_runs():
     x, dice, _ = validation_rows(n=30)
     estimator = fit(x, dice, np.arange(30) % 3)
     assert estimator.n_folds == 3 and math.isfinite(estimator.nested_mae) and len(estimator.residuals) == 30
+
+
+# issue 18, item 6: per-class estimators when the classes differ enough
+
+
+def two_class_rows(same: bool, n: int = 80, seed: int = 0):
+    """Rows of two classes ("grey", "white") from the same cases; Dice depends on other features in each class unless
+    ``same``."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (n, len(NAMES)))
+    classes = np.array(["grey", "white"] * (n // 2))
+    white = classes == "white"
+    dice = 0.1 + 0.4 * x[:, 1] + 0.3 * x[:, 4]
+    if not same:
+        dice = np.where(white, 0.9 - 0.5 * x[:, 2] - 0.3 * x[:, 6], dice)
+    dice = np.clip(dice + rng.normal(0, 0.02, n), 0, 1)
+    groups = np.repeat(np.arange(n // 2), 2)  # the two classes of one case share a group
+    return x, dice, groups, classes
+
+
+def test_per_class_estimators_are_kept_when_classes_differ_and_equal_fits_on_each_class():
+    x, dice, groups, classes = two_class_rows(same=False)
+    estimator = fit(x, dice, groups, classes=classes)
+    assert list(estimator.per_class) == ["grey", "white"]
+    expected = np.empty(dice.size)
+    residuals = np.empty(dice.size)
+    for label in ("grey", "white"):
+        rows = classes == label
+        own = fit(x[rows], dice[rows], groups[rows], per_class=False)
+        assert estimator.per_class[label].coef == own.coef and estimator.per_class[label].chosen == own.chosen
+        expected[rows] = own.predict(x[rows])
+        residuals[rows] = own.residuals
+    np.testing.assert_array_equal(estimator.predict(x, classes), expected)
+    np.testing.assert_allclose(estimator.residuals, residuals, rtol=0, atol=0)  # the per-class procedure's errors
+    assert estimator.nested_mae == pytest.approx(residuals.mean(), abs=1e-15)
+    pooled = fit(x, dice, groups, per_class=False)
+    # the decision, by hand: the per-class nested MAE is lower by more than one SE (over groups) of the difference
+    difference = residuals - np.array(pooled.residuals)
+    by_group = np.array([difference[groups == g].mean() for g in np.unique(groups)])
+    se = by_group.std(ddof=1) / math.sqrt(by_group.size)
+    assert difference.mean() + se < 0
+    assert (estimator.pooled_nested_mae, estimator.per_class_nested_mae) == pytest.approx(
+        (pooled.nested_mae, residuals.mean()), abs=1e-15)
+    assert estimator.per_class_se == pytest.approx(se, abs=1e-15)
+    assert estimator.per_class_nested_mae < 0.5 * estimator.pooled_nested_mae  # pooling loses clearly here
+    columns, rows = estimator.cv_rows()
+    by_class = [row[columns.index("class")] for row in rows]
+    assert by_class.count("grey") == by_class.count("white") == len(estimator.feature_sets) + 1
+    assert rows[-1][columns.index("class")] == "per class"
+    assert rows[-1][columns.index("cv_mae")] == estimator.nested_mae
+
+
+def test_pooled_estimator_is_kept_when_classes_follow_the_same_relation():
+    x, dice, groups, classes = two_class_rows(same=True)
+    estimator = fit(x, dice, groups, classes=classes)
+    pooled = fit(x, dice, groups, classes=classes, per_class=False)
+    assert estimator.per_class == {} and not math.isnan(estimator.per_class_nested_mae)
+    assert estimator.nested_mae == pooled.nested_mae == estimator.pooled_nested_mae
+    np.testing.assert_array_equal(estimator.predict(x), pooled.predict(x))  # no classes needed
+    forced = fit(x, dice, groups, classes=classes, per_class=True)
+    assert list(forced.per_class) == ["grey", "white"] and forced.nested_mae == forced.per_class_nested_mae
+
+
+def test_per_class_needs_enough_rows_of_every_class():
+    x, dice, groups, classes = two_class_rows(same=False)
+    classes[:] = "grey"
+    classes[[1, 3, 5]] = "white"  # 3 rows of white
+    assert fit(x, dice, groups, classes=classes).per_class == {}  # "auto": pooled
+    with pytest.raises(ValueError, match=r"per_class=True: class 'white': cannot fit a quality estimator on 3 valid"):
+        fit(x, dice, groups, classes=classes, per_class=True)
+    with pytest.raises(ValueError, match="per_class=True .* needs nested=True"):
+        fit(x, dice, groups, classes=classes, per_class=True, nested=False)
+    with pytest.raises(ValueError, match=r"per_class must be one of \('auto', True, False\), got 'yes'"):
+        fit(x, dice, groups, classes=classes, per_class="yes")
+
+
+def test_a_per_class_estimator_needs_the_classes_of_the_rows_it_predicts(tmp_path):
+    x, dice, groups, classes = two_class_rows(same=False)
+    estimator = fit(x, dice, groups, classes=classes)
+    with pytest.raises(ValueError, match=r"one estimator per class \(grey, white\): pass the class of each row"):
+        estimator.predict(x)
+    with pytest.raises(ValueError, match=r"classes \['csf'\] have no estimator"):
+        estimator.predict(x[:2], ["grey", "csf"])
+    with pytest.raises(ValueError, match=r"classes must have the shape of the rows \(80,\), got \(2,\)"):
+        estimator.predict(x, ["grey", "white"])
+    loaded = QualityEstimator.load(estimator.save(tmp_path / "estimator.json"))
+    assert loaded == estimator
+    np.testing.assert_array_equal(loaded.predict(x, classes), estimator.predict(x, classes))
+    data = estimator.to_dict()
+    data["per_class"]["white"]["scale"][0] = -1.0
+    with pytest.raises(ValueError, match=r"per_class\['white'\]: scale\[0\] must be > 0"):
+        QualityEstimator.from_dict(data)
+
+
+def test_a_version_2_file_loads_as_a_pooled_estimator():
+    x, dice, groups = validation_rows()
+    estimator = fit(x, dice, groups)
+    data = {key: value for key, value in estimator.to_dict().items()
+            if key not in ("per_class", "pooled_nested_mae", "per_class_nested_mae", "per_class_se")}
+    loaded = QualityEstimator.from_dict({**data, "version": 2})
+    assert loaded == estimator and loaded.per_class == {}

@@ -27,7 +27,10 @@ from ..estimator import (
     ALPHAS,
     MAX_FOLDS,
     MIN_GROUPS,
+    PER_CLASS,
     PROTOTYPE_FEATURES,
+    SELECTIONS,
+    TARGETS,
     TTA_FEATURE,
     QualityEstimator,
     feature_names,
@@ -154,6 +157,9 @@ class MeanSAQualityHandler(LayerProbeHandler):
             it) or ``"min"`` (the best CV MAE); see :data:`~monai_protoseg.estimator.SELECTIONS`.
         target: the estimator's regression target: ``"logit"`` (the default: the logit of Dice, estimates through the
             sigmoid) or ``"identity"`` (Dice); see :data:`~monai_protoseg.estimator.TARGETS`.
+        per_class: with two or more scored classes, also fit one estimator per class and keep them when their nested
+            MAE beats the pooled estimator's by more than one standard error (``"auto"``, the default), always
+            (``True``) or never (``False``); see :data:`~monai_protoseg.estimator.PER_CLASS`.
         coverage: nominal coverage of the intervals, in (0, 1).
         class_intervals: each class gets the interval width of its own residuals (when it has enough of them).
         review_rule: ``"upper"`` flags a row whose interval's upper bound is below ``threshold`` (confidently bad);
@@ -218,6 +224,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
         alphas: Sequence[float] | None = None,
         selection: str = "one_se_largest",
         target: str = "logit",
+        per_class: bool | str = "auto",
         coverage: float = 0.9,
         class_intervals: bool = False,
         review_rule: str = "estimate",
@@ -237,6 +244,10 @@ class MeanSAQualityHandler(LayerProbeHandler):
             raise ValueError(f"coverage must be a number in (0, 1), got {coverage!r}.")
         if review_rule not in REVIEW_RULES:
             raise ValueError(f"review_rule must be one of {REVIEW_RULES}, got {review_rule!r}.")
+        for argument, value, allowed in (("selection", selection, SELECTIONS), ("target", target, TARGETS),
+                                         ("per_class", per_class, PER_CLASS)):
+            if not any(value is option or (isinstance(option, str) and value == option) for option in allowed):
+                raise ValueError(f"{argument} must be one of {allowed}, got {value!r}.")
         if group is not None and not (isinstance(group, str) or callable(group)):
             raise ValueError(f"group must be None, a meta-data key (str) or a callable of a case's meta data, got "
                              f"{type(group).__name__}.")
@@ -246,6 +257,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
         self.alphas = ALPHAS if alphas is None else tuple(alphas)
         self.selection = selection
         self.target = target
+        self.per_class = per_class
         self.coverage = float(coverage)
         self.class_intervals = class_intervals
         self.review_rule = review_rule
@@ -484,14 +496,27 @@ class MeanSAQualityHandler(LayerProbeHandler):
             rows = values.double().cpu()
             columns = [rows[..., names.index(name)] if name in names else torch.full(rows.shape[:-1], math.nan)
                        for name in self.estimator.feature_names]  # an older file: fewer columns
-            estimated = torch.from_numpy(self.estimator.predict(torch.stack(columns, -1))).to(mean_sa.device)
+            classes = np.broadcast_to(np.array(self.class_labels()), rows.shape[:-1])
+            try:
+                estimated = self.estimator.predict(torch.stack(columns, -1), classes)
+            except ValueError as error:  # per-class estimator, classes it was not fitted on
+                raise ValueError(f"{self.estimator_path or 'the quality estimator'}: {error} Set class_names as when "
+                                 "it was fitted.") from error
             other = self._other_weights(self.estimator, self.estimator_path)
-            return estimated, f"estimator ({self.estimator.chosen}){other}"
+            return torch.from_numpy(estimated).to(mean_sa.device), f"{self._method_note()}{other}"
         prefix = f"{self._no_estimator}; " if self.use_estimator else ""
         if self.calibration is not None:
             other = self._other_weights(self.calibration, self.calibration_path)
             return self.calibration.predict(mean_sa.double()), f"{prefix}calibration{other}"
         return None, f"{prefix}{self._no_calibration}: mean SA only"
+
+    def _method_note(self) -> str:
+        """The CSV note of the estimator in use: ``estimator (all)``, or ``estimator per class (grey: all, white:
+        confidence)``."""
+        if not self.estimator.per_class:
+            return f"estimator ({self.estimator.chosen})"
+        chosen = ", ".join(f"{label}: {model.chosen}" for label, model in self.estimator.per_class.items())
+        return f"estimator per class ({chosen})"
 
     def _fit(self, mean_sa: torch.Tensor, true_dice: torch.Tensor, metrics: dict) -> None:
         """Fit the calibration on (mean SA, true Dice) of every case and class, save it with the network's fingerprint,
@@ -535,7 +560,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
                 values.reshape(len(groups) * classes, -1), true_dice.flatten(), np.repeat(np.array(groups), classes),
                 feature_names=names, layers=self.layers, mean_sa_layers=self.mean_sa_layers,
                 feature_sets=self.feature_sets, alphas=self.alphas, selection=self.selection, target=self.target,
-                classes=np.tile(np.array(self.class_labels()), len(groups)),
+                classes=np.tile(np.array(self.class_labels()), len(groups)), per_class=self.per_class,
             )
         except ValueError as error:
             self.estimator = None
@@ -556,8 +581,11 @@ class MeanSAQualityHandler(LayerProbeHandler):
             f"{type(self).__name__}: quality estimator fitted on {self.estimator.n_rows} case-class row(s) of "
             f"{self.estimator.n_groups} group(s) ({self.estimator.n_excluded} undefined left out), "
             f"{self.estimator.n_folds}-fold cross-validation grouped by {self._group_source()}; chosen feature set "
-            f"{self.estimator.chosen!r} (selection {self.selection!r}); nested cross-validation (selection inside "
-            f"the inner folds): r {self.estimator.nested_r:.3f}, MAE {self.estimator.nested_mae:.3f}"
+            f"{self.estimator.chosen!r} (selection {self.selection!r}); "
+            + (f"one estimator per class kept: {self._method_note().removeprefix('estimator per class ')}; "
+               if self.estimator.per_class else "")
+            + f"nested cross-validation (selection inside the inner folds): r {self.estimator.nested_r:.3f}, MAE "
+            f"{self.estimator.nested_mae:.3f}"
             + (f"; saved to {self.estimator_path}" if self.estimator_path else "")
             + f"; per-set table in {self.csv_path.parent / CV_FILENAME}\n{self.estimator.cv_table()}"
         )

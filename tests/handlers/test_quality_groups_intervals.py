@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_protoseg import QualityCalibration, QualityEstimator
+from monai_protoseg import MeanSAQualityHandler, QualityCalibration, QualityEstimator
 from monai_protoseg.conformal import conformal_halfwidth
 from monai_protoseg.handlers.mean_sa_quality import CV_FILENAME, _distinct
 from monai_protoseg.recorder import FeatureRecorder
@@ -248,3 +248,37 @@ def test_new_feature_columns_match_an_independent_computation(tmp_path):
     for row, want in zip(rows, expected):
         for name, value in want.items():
             assert float(row[name]) == pytest.approx(value, abs=1e-4), name
+
+
+def test_per_class_estimators_in_the_handler_estimate_each_class_with_its_own(tmp_path):
+    network, batches = make_network(out_channels=3), named_batches(count=8, classes=3)
+    options = dict(activation="softmax", class_names=["left", "right"])
+    _, handler = evaluate(network, batches, output_dir=tmp_path, fit_estimator=True, per_class=True,
+                          estimator=tmp_path / "estimator.json", **options)
+    estimator = handler.estimator
+    assert list(estimator.per_class) == ["left", "right"]
+    rows = read_rows(tmp_path / "quality.csv")
+    note = f"estimator per class (left: {estimator.per_class['left'].chosen}, right: {estimator.per_class['right'].chosen})"
+    checked = 0
+    for row in rows:
+        assert row["note"] == note
+        x = feature_values(row, estimator)
+        if not np.isnan(x).any():
+            own = estimator.per_class[row["class"]].predict(x)  # the class's own estimator, not the pooled one
+            assert float(row["estimated_dice"]) == pytest.approx(float(own), abs=1e-6)
+            checked += 1
+    assert checked >= 20
+    cv_rows = read_rows(tmp_path / CV_FILENAME)
+    assert {row["class"] for row in cv_rows} == {"pooled", "left", "right", "per class"}
+    assert float(cv_rows[-1]["cv_mae"]) == pytest.approx(estimator.nested_mae, abs=1e-6)
+    # at inference the same file with other class names is an error naming the file and the classes
+    with pytest.raises(ValueError, match=r"estimator.json: classes \['a', 'b'\] have no estimator.*class_names"):
+        evaluate(network, named_batches(count=1, classes=3, labels=False), output_dir=tmp_path / "inference",
+                 estimator=tmp_path / "estimator.json", activation="softmax", class_names=["a", "b"])
+
+
+@pytest.mark.parametrize("argument, value", [("selection", "one-se"), ("target", "log"), ("per_class", "yes"),
+                                             ("per_class", 1)])
+def test_bad_estimator_options_are_refused_when_the_handler_is_built(argument, value):
+    with pytest.raises(ValueError, match=rf"{argument} must be one of .*, got {value!r}"):
+        MeanSAQualityHandler(fit_estimator=True, **{argument: value})
