@@ -111,10 +111,14 @@ def label_on_grid(prepared: PreparedBundle, item: dict, data: dict) -> torch.Ten
     return torch.stack([label.float().round() == k for k in range(classes)])
 
 
-def reference_sa(prepared: PreparedBundle, layers: Sequence[str] | None = None) -> Reference:
-    """Per case and foreground class: SA of each of ``layers`` (default: the entry's) and the true Dice."""
+def reference_sa(
+    prepared: PreparedBundle, layers: Sequence[str] | None = None, sa_classes: Sequence[int] | None = None
+) -> Reference:
+    """Per case and foreground class: SA of each of ``layers`` (default: the entry's) for the classes ``sa_classes``
+    (default: every foreground class), and the true Dice of every foreground class."""
     entry = prepared.entry
     layers = list(entry.layers if layers is None else layers)
+    sa_classes = list(entry.foreground if sa_classes is None else sa_classes)
     parser = parse_bundle(prepared)
     preprocessing = parser.get_parsed_content(entry.preprocessing_id)
     items = parser.get_parsed_content(f"{entry.dataset_id}#data")
@@ -157,8 +161,9 @@ def reference_sa(prepared: PreparedBundle, layers: Sequence[str] | None = None) 
         targets = label_on_grid(prepared, item, data)
         assert tuple(targets.shape[1:]) == grid, f"{case}: label grid {tuple(targets.shape[1:])} != {grid}"
         for k in entry.foreground:
-            result.sa[case, k] = {name: layer_sa(resized[name], prob[:, k:k + 1], targets[k]) for name in layers}
             result.dice[case, k] = class_dice(predicted[k], targets[k])
+        for k in sa_classes:
+            result.sa[case, k] = {name: layer_sa(resized[name], prob[:, k:k + 1], targets[k]) for name in layers}
             result.separation[case, k] = {name: prototype_separation(resized[name], prob[:, k:k + 1]) for name in layers}
         result.grid[case], result.inferer_diff[case] = grid, diff
     return result

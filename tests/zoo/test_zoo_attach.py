@@ -31,6 +31,12 @@ random EfficientNet of endoscopic_tool_segmentation predicts an almost constant 
 prototypes agree to ~3e-7 of the features' spread there (float32 and float64 SA then differ by up to 0.2); its grid
 is checked through the true Dice of the prediction instead. Float32 exactness is issue 17's."""
 
+SA_CLASSES = {"multi_organ_segmentation": 2}
+"""Bundles whose SA is compared with the naive float64 reference for their first N foreground classes only: for the
+seven organs of multi_organ_segmentation on 28 layers the reference took about 28 s per organ (three quarters of the
+suite's slowest test); every organ's SA comes from the same code, and every organ's true Dice is still compared."""
+
+
 def read_rows(path: pathlib.Path) -> list[dict[str, str]]:
     with open(path, newline="") as stream:
         return list(csv.DictReader(stream))
@@ -102,13 +108,17 @@ def test_bundle_with_the_attached_handlers(prepared_bundles, plain_runs, name, t
     qualified = read_layer_names(results / "layer_names.csv")
     aliases = [column for column in rows[0] if column not in ("case", "class")]
     layers = [qualified[alias] for alias in aliases]
-    reference = reference_sa(prepared, layers)
+    sa_classes = prepared.entry.foreground[:SA_CLASSES.get(name, len(prepared.entry.foreground))]
+    reference = reference_sa(prepared, layers, sa_classes)
     names = sorted({row["class"] for row in rows}, key=[row["class"] for row in rows].index)
     classes = dict(zip(names, prepared.entry.foreground))
-    assert len(rows) == len(reference.sa) == prepared.n_cases * len(names)
+    assert len(rows) == len(reference.dice) == prepared.n_cases * len(names)
+    assert len(reference.sa) == prepared.n_cases * len(sa_classes)
     worst, compared, degenerate = 0.0, 0, 0
     for row in rows:
         key = (row["case"], classes[row["class"]])
+        if key not in reference.sa:
+            continue
         for alias, layer in zip(aliases, layers):
             expected, got = reference.sa[key][layer], float(row[alias])
             if math.isnan(expected):
