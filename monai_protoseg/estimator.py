@@ -68,6 +68,7 @@ __all__ = [
     "SELECTIONS",
     "TARGETS",
     "PER_CLASS",
+    "is_option",
     "ESTIMATOR_FORMAT",
     "ESTIMATOR_VERSION",
     "ALPHAS",
@@ -544,7 +545,7 @@ class QualityEstimator:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
-        if not any(per_class is option for option in PER_CLASS):
+        if not is_option(per_class, PER_CLASS):
             raise ValueError(f"per_class must be one of {PER_CLASS}, got {per_class!r}.")
         if per_class is True and not nested:
             raise ValueError("per_class=True keeps the per-class estimators' nested cross-validation: it needs "
@@ -987,6 +988,18 @@ def _nested_estimates(
         mean, scale, coef, intercept = _ridge(x[~test][:, columns], _forward(y[~test], target), scores[chosen].alpha)
         estimates[test] = _backward(intercept + ((x[test][:, columns] - mean) / scale) @ coef, target)
     return estimates
+
+
+def is_option(value: Any, allowed: Sequence[Any]) -> bool:
+    """Whether ``value`` is one of ``allowed``: strings by equality (a config's ``"auto"`` is another object than the
+    literal), ``True`` and ``False`` by identity (so that ``1`` is not ``True``).
+
+    Example:
+        >>> is_option("".join(["au", "to"]), PER_CLASS), is_option(1, PER_CLASS), is_option(False, PER_CLASS)
+        (True, False, True)
+    """
+    return any(value is option if isinstance(option, bool) else (isinstance(value, str) and value == option)
+               for option in allowed)
 
 
 def _check_enough(y: np.ndarray, groups: np.ndarray, valid: np.ndarray) -> None:

@@ -61,7 +61,10 @@ def test_quick_run_prints_a_table_of_finite_numbers(capsys):
     methods = [line.split(" | ")[0].strip("| ") for line in real.splitlines()[2:]]
     assert methods[:3] == list(bench_quality.MNI_CONFIGS)
     assert {f"baseline: {name}, calibrated" for name in bench_quality.MNI_BASELINES} <= set(methods)
-    assert {*bench_quality.FEATURE_ADDITIONS, "variant: per-class estimators (default sets)"} <= set(methods)
+    assert {*bench_quality.FEATURE_ADDITIONS, *bench_quality.VARIANTS} <= set(methods)
+    assert {method for method in methods if method.startswith("ceiling:")} == {
+        "ceiling: default sets, fitted on the test part itself",
+        "ceiling: default sets + tta_disagreement, fitted on the test part itself"}
     for line in real.splitlines()[2:5]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         nested, mae, coverage = float(cells[2]), float(cells[4]), float(cells[5])

@@ -15,6 +15,7 @@ from monai_protoseg.conformal import conformal_halfwidth
 from monai_protoseg.estimator import (
     ALPHAS,
     ESTIMATOR_FORMAT,
+    PER_CLASS,
     QualityEstimator,
     default_feature_sets,
     feature_names,
@@ -612,6 +613,17 @@ def test_per_class_needs_enough_rows_of_every_class():
         fit(x, dice, groups, classes=classes, per_class=True, nested=False)
     with pytest.raises(ValueError, match=r"per_class must be one of \('auto', True, False\), got 'yes'"):
         fit(x, dice, groups, classes=classes, per_class="yes")
+    with pytest.raises(ValueError, match=r"per_class must be one of \('auto', True, False\), got 1"):
+        fit(x, dice, groups, classes=classes, per_class=1)
+
+
+def test_per_class_auto_read_from_a_config_is_accepted():
+    """A bundle's ``"auto"`` is a string object other than the literal: it must be taken as the option (it was once
+    refused inside the fit, which the handler logged as "estimator not fitted")."""
+    x, dice, groups, classes = two_class_rows(same=False)
+    auto = json.loads('{"per_class": "auto"}')["per_class"]
+    assert auto == PER_CLASS[0] and auto is not PER_CLASS[0]  # the point: an equal string, another object
+    assert list(fit(x, dice, groups, classes=classes, per_class=auto).per_class) == ["grey", "white"]
 
 
 def test_a_per_class_estimator_needs_the_classes_of_the_rows_it_predicts(tmp_path):

@@ -34,6 +34,7 @@ from ..estimator import (
     TTA_FEATURE,
     QualityEstimator,
     feature_names,
+    is_option,
     prototype_margins,
     quality_features,
 )
@@ -246,7 +247,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
             raise ValueError(f"review_rule must be one of {REVIEW_RULES}, got {review_rule!r}.")
         for argument, value, allowed in (("selection", selection, SELECTIONS), ("target", target, TARGETS),
                                          ("per_class", per_class, PER_CLASS)):
-            if not any(value is option or (isinstance(option, str) and value == option) for option in allowed):
+            if not is_option(value, allowed):
                 raise ValueError(f"{argument} must be one of {allowed}, got {value!r}.")
         if group is not None and not (isinstance(group, str) or callable(group)):
             raise ValueError(f"group must be None, a meta-data key (str) or a callable of a case's meta data, got "

@@ -316,6 +316,10 @@ def check_quality_csv(path: pathlib.Path, names: list[str] | None, classes: list
         assert row["review"] in ("True", "False")
         if fitted:
             score(row["true_dice"])
+            # the estimator is fitted, or left out for too few rows: never for a bad option (once logged as "not
+            # fitted" when a config's "auto" was refused inside the fit)
+            assert row["note"].startswith(("estimator (", "estimator per class (")) or (
+                "cannot fit a quality estimator on" in row["note"]), row["note"]
         if not math.isnan(float(row["mean_sa"])):
             assert 0 <= float(row["estimated_dice"]) <= 1, row  # a calibration exists in every run checked here
     return rows
