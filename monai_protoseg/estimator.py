@@ -28,12 +28,14 @@ already has into one feature row (names from :func:`feature_names`):
   a spatial axis, flipped back (0 when both are empty), averaged over the flips (``MeanSAQualityHandler``'s
   ``tta_flip`` chooses the axes).
 
-:class:`QualityEstimator` fits a ridge regression of true Dice on such rows from validation cases with ground truth,
-for each of several feature sets (mean SA alone, the SA profile, confidence alone, all), chooses the penalty and the
-set by cross-validation grouped by case (by default the one-standard-error rule toward the set with fewer features),
-measures the whole procedure by nested cross-validation (the selection repeated inside every outer training part), and
-keeps the nested out-of-fold residuals: :func:`conformal_halfwidth` turns them into split-conformal intervals of a
-stated coverage. It predicts an estimated Dice clipped to [0, 1] and saves to / loads from JSON.
+:class:`QualityEstimator` fits a ridge regression of true Dice (by default of its logit) on such rows from validation
+cases with ground truth, for each of several feature sets (mean SA alone, the SA profile, confidence alone, all),
+chooses the penalty and the set by cross-validation grouped by case (by default the largest set within one standard
+error of the best), measures the whole procedure by nested cross-validation (the selection repeated inside every
+outer training part), and keeps the nested out-of-fold residuals: :func:`conformal_halfwidth` turns them into
+split-conformal intervals of a stated coverage. With rows of several classes it also fits one estimator per class and
+keeps them when they beat the pooled one (``per_class``). It predicts an estimated Dice in [0, 1] and saves to / loads
+from JSON.
 
 Rows with an undefined (NaN) feature cannot be estimated: they are left out of the fit (and counted), and
 ``predict`` gives NaN where a feature the chosen set uses is NaN; nothing is imputed.
@@ -413,13 +415,15 @@ class QualityEstimator:
 
     Fitting, for every feature set and every penalty of ``alphas``: each fold's rows are estimated by a ridge
     regression fitted on the other folds (features standardised with the training rows' mean and population standard
-    deviation; intercept unpenalised), clipped to [0, 1]; the penalty with the smallest mean absolute error of these
+    deviation; intercept unpenalised; to the logit of Dice with ``target="logit"``), mapped back to [0, 1]; the penalty with the smallest mean absolute error of these
     out-of-fold estimates wins (ties: the larger penalty). The feature set is chosen by ``selection`` (see
     :data:`SELECTIONS`; ties: the earlier set) and refitted on all valid rows with its penalty. The per-set CV figures
     (``feature_sets``) are optimistic for the chosen set, which was picked because they were good: the honest figures
     are ``nested_r`` and ``nested_mae``, where every outer fold's rows are estimated by the whole procedure (penalty
     and set chosen by an inner grouped CV) run on the other outer folds. The absolute nested out-of-fold errors are
-    kept as ``residuals`` for the intervals (:meth:`interval`).
+    kept as ``residuals`` for the intervals (:meth:`interval`). The fields above ``nested_r`` describe the pooled
+    estimator; with ``per_class`` kept, the nested figures and residuals are those of the per-class procedure, the one
+    ``predict`` uses.
 
     Attributes:
         feature_names: the columns of the rows it was fitted on and ``predict`` takes, in order.
@@ -431,7 +435,7 @@ class QualityEstimator:
         mean: the mean of each chosen feature over the fitted rows.
         scale: its standard deviation (1 for a constant feature).
         coef: the ridge coefficients of the standardised features.
-        intercept: the intercept (the mean true Dice of the fitted rows).
+        intercept: the intercept (the mean regression target of the fitted rows: true Dice, or its logit).
         feature_sets: the cross-validated score of every feature set, by name.
         n_rows: the number of valid rows fitted.
         n_groups: the number of groups (cases) among them.
@@ -447,6 +451,12 @@ class QualityEstimator:
         residuals: the absolute nested out-of-fold errors of the valid rows (``()``: not computed).
         residual_classes: the class of each residual, when ``fit`` was given classes (``()`` otherwise).
         tta_axes: the spatial axes the ``tta_disagreement`` feature flipped (set by ``MeanSAQualityHandler``).
+        per_class: one estimator per class, by class name, when ``fit`` kept them (``{}``: the pooled estimator
+            estimates every row).
+        pooled_nested_mae: the pooled procedure's nested MAE when per-class estimators were compared (NaN: not
+            compared).
+        per_class_nested_mae: the per-class procedure's nested MAE (NaN: not compared).
+        per_class_se: the standard error, over the groups, of the per-row difference of the two (NaN: not compared).
     """
 
     feature_names: tuple[str, ...]
@@ -781,9 +791,10 @@ class QualityEstimator:
 
         Every value that ``predict`` uses is checked, so that a hand-edited file cannot give silently wrong estimates:
         distinct ``feature_names``, the chosen ``features`` distinct and among them, finite ``mean`` and ``coef``,
-        each ``scale`` finite and > 0, ``intercept`` (the mean true Dice of the fitted rows) in [0, 1]; and the
-        cross-validation record: penalties > 0, ``cv_mae`` in [0, 1], ``cv_r`` in [-1, 1] or ``None``; the optional
-        ``fingerprint`` two sha256 digests.
+        each ``scale`` finite and > 0, ``intercept`` (the mean true Dice of the fitted rows) in [0, 1] (finite for the
+        logit target); the cross-validation record: penalties > 0, ``cv_mae`` in [0, 1], ``cv_r`` in [-1, 1] or
+        ``None``; the optional ``fingerprint`` two sha256 digests; and every per-class estimator the same way, on the
+        same ``feature_names``.
 
         Raises:
             ValueError: ``data`` is not a mapping, has another ``format`` or a newer ``version``, misses fields, or
