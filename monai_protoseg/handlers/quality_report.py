@@ -15,6 +15,7 @@ import pathlib
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..figures import figure_png
@@ -114,13 +115,7 @@ def plot_quality(quality: QualityRows, calibration: QualityCalibration | None = 
                   label=f"calibration: Dice ≈ {calibration.slope:.2f}·SA {calibration.intercept:+.2f}")
         title += f"\nPearson r {calibration.pearson_r:.2f}, leave-one-out MAE {calibration.loo_mae:.3f}"
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    axis.set_xlim(0, 1.02)
-    axis.set_ylim(0, 1.02)
-    axis.set_xlabel("mean SA of the last layers (vs own prediction)")
-    axis.set_ylabel("true Dice")
-    axis.set_title(title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    _finish_unit_axes(axis, "mean SA of the last layers (vs own prediction)", "true Dice", title)
     return figure
 
 
@@ -163,14 +158,20 @@ def plot_estimates(quality: QualityRows, title: str) -> Figure:
         inside = (quality.estimate_low[valid] <= quality.true_dice[valid]) & (
             quality.true_dice[valid] <= quality.estimate_high[valid])
         details += f", interval holds the true Dice in {int(inside.sum())} of {int(valid.sum())}"
+    _finish_unit_axes(axis, "true Dice", "estimated Dice" + (" (bar: interval)" if intervals else ""),
+                      f"{title} ({int(valid.sum())} case-class pairs)\n{details}")
+    return figure
+
+
+def _finish_unit_axes(axis: Axes, xlabel: str, ylabel: str, title: str) -> None:
+    """Both axes on [0, 1.02] (scores and Dice), labelled, titled, with a grid and the legend of the classes."""
     axis.set_xlim(0, 1.02)
     axis.set_ylim(0, 1.02)
-    axis.set_xlabel("true Dice")
-    axis.set_ylabel("estimated Dice" + (" (bar: interval)" if intervals else ""))
-    axis.set_title(f"{title} ({int(valid.sum())} case-class pairs)\n{details}", fontsize=10)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    return figure
 
 
 def _refit(quality: QualityRows) -> QualityCalibration | None:
