@@ -78,7 +78,9 @@ from monai_protoseg.estimator import (  # noqa: E402
     MARGIN_FEATURES,
     PREDICTION_FEATURES,
     PROTOTYPE_FEATURES,
+    SPREAD_PREFIX,
     TTA_FEATURE,
+    activation_spread,
     default_feature_sets,
     feature_names,
     quality_features,
@@ -136,7 +138,8 @@ def case_signals(network: torch.nn.Module, layers: Sequence[str], mean_sa_layers
         prob = torch.sigmoid(network(torch.from_numpy(image)[None]))
     prediction = prob > 0.5
     layer_sa = torch.stack([sa_score(recorder[layer], prob, prediction) for layer in layers])  # (L,)
-    features = quality_features(prob, prediction, layer_sa.view(1, -1, 1), mean_sa_layers)[0, 0]
+    spread = activation_spread({layer: recorder[layer] for layer in layers})
+    features = quality_features(prob, prediction, layer_sa.view(1, -1, 1), mean_sa_layers, spread=spread)[0, 0]
     confidence = torch.maximum(prob, 1 - prob).mean()
 
     with torch.no_grad():
@@ -492,13 +495,16 @@ PREVIOUS_FEATURES = ("mean_sa", "sa_", "fg_prob", "max_prob", "volume")
 FEATURE_ADDITIONS = {"features: SA + fg_prob, max_prob, volume (before issue 18)": (),
                      "features: + entropy": ("entropy",),
                      "features: + boundary_margin": ("boundary_margin",),
-                     "features: + entropy, boundary_margin (default sets)": MARGIN_FEATURES,
+                     "features: + entropy, boundary_margin": MARGIN_FEATURES,
+                     "features: + activation spread (spread_{layer})": (SPREAD_PREFIX,),
+                     "features: + entropy, boundary_margin, activation spread (default sets)": (*MARGIN_FEATURES,
+                                                                                               SPREAD_PREFIX),
                      "features: + prototype (proto_in, proto_out, proto_near)": PROTOTYPE_FEATURES,
-                     "features: + all five": (*MARGIN_FEATURES, *PROTOTYPE_FEATURES)}
+                     "features: + all of them": (*MARGIN_FEATURES, SPREAD_PREFIX, *PROTOTYPE_FEATURES)}
 """Estimators fitted on the calibration CSV's columns (the default sets, ``all`` holding every column named): the
-features before issue 18 and each addition of its item 4."""
+features before issue 18 and each addition of its item 4 (``spread_`` stands for every ``spread_{layer}`` column)."""
 
-DEFAULT_FEATURES = "features: + entropy, boundary_margin (default sets)"
+DEFAULT_FEATURES = "features: + entropy, boundary_margin, activation spread (default sets)"
 """The :data:`FEATURE_ADDITIONS` row whose columns are the handler's default sets: the variants change one option."""
 
 VARIANTS = {"variant: per_class=True (default sets)": {"per_class": True},
@@ -562,13 +568,14 @@ def feature_experiments(validation: list[dict], test: list[dict]) -> dict[str, d
     """Estimators fitted on the calibration CSV's feature columns (grouped by block, nested CV on), scored on the test
     rows: the features of the default sets and each addition (:data:`FEATURE_ADDITIONS`), and the handler's options
     changed one at a time (:data:`VARIANTS`)."""
-    every = [name for name in validation[0] if name in ("mean_sa", *PREDICTION_FEATURES, *MARGIN_FEATURES,
-                                                          *PROTOTYPE_FEATURES) or name.startswith("sa_")]
+    every = [name for name in validation[0] if name.startswith(("sa_", SPREAD_PREFIX))
+             or name in ("mean_sa", *PREDICTION_FEATURES, *MARGIN_FEATURES, *PROTOTYPE_FEATURES)]
     previous = [name for name in every if name.startswith(PREVIOUS_FEATURES)]
     dice_val, dice = column(validation, "true_dice"), column(test, "true_dice")
     groups = np.array([row["group"] for row in validation])
     classes_val, classes = np.array([row["class"] for row in validation]), np.array([row["class"] for row in test])
-    variants = {label: (previous + list(added), {}) for label, added in FEATURE_ADDITIONS.items()}
+    variants = {label: (previous + [name for name in every if name.startswith(added)], {})
+                for label, added in FEATURE_ADDITIONS.items()}
     defaults = variants[DEFAULT_FEATURES][0]
     variants.update({label: (defaults, options) for label, options in VARIANTS.items()})
     results = {}
@@ -597,7 +604,7 @@ def in_sample_ceilings(test: list[dict]) -> dict[str, dict]:
     columns, with and without ``tta_disagreement``; the logit target and smallest penalty) and scored on the same
     rows. No held-out figure of this model on these features can be expected to do better."""
     columns = [name for name in test[0] if name in ("mean_sa", *PREDICTION_FEATURES, *MARGIN_FEATURES)
-               or name.startswith("sa_")]
+               or name.startswith(("sa_", SPREAD_PREFIX))]
     dice, groups = column(test, "true_dice"), np.array([row["group"] for row in test])
     results = {}
     for label, names in (("ceiling: default sets, fitted on the test part itself", columns),
@@ -759,7 +766,7 @@ def synthetic_task(args: argparse.Namespace, quick: bool) -> tuple[str, list[Tab
     no_signal = rows[-1][6]  # column 6: MAE on the test cases where all signals are defined
     checks = [Check(f"{row[0]}: MAE / MAE of no signal", row[6] / no_signal) for row in rows[:-1]]
     layers, mean_sa_layers = profile_layers(network)
-    methods = estimates(validation, test, feature_names(layers), layers)
+    methods = estimates(validation, test, feature_names(layers, spread=True), layers)
     checks += estimator_checks(methods, dice)
     return description, [score_table(rows), degradation_table(test, test_plan), estimator_table(methods, dice)], checks
 

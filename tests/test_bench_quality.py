@@ -1,4 +1,5 @@
-"""benchmarks/bench_quality.py runs end to end on tiny sizes and prints a table of finite numbers."""
+"""benchmarks/bench_quality.py and bench_quality_signals.py run end to end on tiny sizes and print tables of finite
+numbers; their signals against hand-computed values."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from monai_protoseg.synthetic import make_case
 BENCHMARK = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCHMARK)
+def load_benchmark(name: str = "bench_quality"):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARK.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -115,14 +116,47 @@ def test_signals_of_an_empty_prediction_and_of_augmentations_that_agree():
     signals = bench_quality.case_signals(network, layers, [len(layers) - 3, len(layers) - 2], tta, 4, image, label)
 
     assert math.isnan(signals["mean SA"])  # no foreground prototype
-    # mean SA, the SA profile, fg_prob, max_prob, volume, entropy, boundary_margin
+    # mean SA, the SA profile, fg_prob, max_prob, volume, entropy, boundary_margin, the activation spreads
     features = signals["features"]
-    assert features.shape == (len(layers) + 6,)
+    assert features.shape == (2 * len(layers) + 6,)
     assert np.isnan(features[:len(layers) + 2]).all() and features[len(layers) + 3] == 0  # SA, fg_prob; volume 0
-    assert np.isnan(features[-1])  # no boundary
+    assert np.isnan(features[-len(layers) - 1])  # no boundary
+    assert (features[-len(layers):] == 0).all()  # zero weights: every layer's features are constant
     assert signals["confidence"] == pytest.approx(1 - 1 / (1 + math.exp(10)), abs=1e-6)
     assert signals["true Dice"] == 0
     assert signals["TTA, 1/(1+vvc)"] == 1.0  # four equal volumes: vvc 0
     # MONAI's vvc of binary realisations is a function of the foreground fraction alone
     f, count = float(label.mean()), 4 * label.size
     assert signals["TTA, MONAI's vvc"] == pytest.approx(1 / (1 + math.sqrt((1 - f) / f * count / (count - 1))))
+
+
+def test_candidate_signals_quick_run_scores_every_candidate(capsys):
+    signals = load_benchmark("bench_quality_signals")
+    single, added = signals.run(["--quick"])
+    assert [row[0] for row in single.rows] == [*signals.CANDIDATES[:-1],
+                                              "tta_disagreement (the handler's, for reference)"]
+    assert [row[0] for row in added.rows] == ["none: the handler defaults' columns",
+                                             *(f"+ {name}" for name in signals.CANDIDATES),
+                                             "gradient-boosted trees instead of ridge (same columns)"]
+    for row in added.rows[:-1]:  # every ridge estimator is fitted and scored (the trees need scikit-learn)
+        assert 0 <= float(row[1]) <= 1 and -1 <= float(row[2]) <= 1
+
+
+def test_candidate_disagreements_are_zero_for_a_network_blind_to_the_perturbation():
+    signals = load_benchmark("bench_quality_signals")
+    network = UNet(2, 1, 3, channels=(4, 8), strides=(2,)).eval()
+    with torch.no_grad():  # zero weights, constant biases: the same prediction (class 1 everywhere) for any input
+        for parameter in network.parameters():
+            parameter.zero_()
+        network.model[-1].conv.bias.copy_(torch.tensor([0.0, 2.0, 0.0]))
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    values = signals.candidate_signals(network, images, seed=0)
+    for name in ("noise", "bias field", "gamma"):
+        assert (values[name] == 0).all(), name
+    p = math.exp(2) / (math.exp(2) + 2)  # softmax of (0, 2, 0)
+    np.testing.assert_allclose(values["soft Dice"][:, 0], 2 * p * 256 / (p * 256 + 256))
+    np.testing.assert_allclose(values["flip soft Dice"][:, 0], 2 * p * 256 / (p * 256 + 256))
+    assert (values["soft Dice"][:, 1] == 0).all()  # class 2 is predicted nowhere
+    assert (values["boundary fraction"] == 0).all() and (values["spread in mask"] == 0).all()
+    rough = ((images[..., 1:] - images[..., :-1]) ** 2).mean((1, 2, 3)) / images.flatten(1).var(1)
+    np.testing.assert_allclose(values["image roughness"][:, 0], rough.double().numpy(), rtol=1e-6)

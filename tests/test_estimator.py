@@ -17,6 +17,8 @@ from monai_protoseg.estimator import (
     ESTIMATOR_FORMAT,
     PER_CLASS,
     QualityEstimator,
+    activation_spread,
+    aliased_feature,
     default_feature_sets,
     feature_names,
     group_folds,
@@ -331,6 +333,44 @@ def test_prototype_margins_are_protoseg_logits_over_the_squared_prototype_distan
     np.testing.assert_allclose(rows[0, 0, -3:].numpy(), [1.0, 1.0, 0.25], atol=1e-6)
 
 
+def test_activation_spread_is_the_channel_mean_of_the_spatial_population_std():
+    generator = torch.Generator().manual_seed(0)
+    features = {"low": torch.randn(2, 3, 4, 5, generator=generator) * 3 + 1,
+                "3d": torch.rand(2, 2, 3, 4, 2, generator=generator).half(),
+                "full": torch.randn(2, 5, 8, 8, generator=generator, dtype=torch.float64)}
+    spread = activation_spread(features)
+    assert spread.shape == (2, 3) and spread.dtype == torch.float64
+    for l, f in enumerate(features.values()):
+        values = f.double().numpy().reshape(2, f.shape[1], -1)
+        expected = [np.mean([np.std(values[b, c]) for c in range(f.shape[1])]) for b in range(2)]  # ddof 0
+        np.testing.assert_allclose(spread[:, l].numpy(), expected, rtol=1e-6)
+    assert activation_spread({"flat": torch.ones(1, 4, 3, 3)}).tolist() == [[0.0]]
+
+
+def test_spread_columns_follow_the_margin_columns_the_same_for_every_class():
+    prob = torch.tensor([[[[0.9, 0.2, 0.6, 0.1]], [[0.1, 0.7, 0.3, 0.2]]]])  # (B=1, K=2, 1, 4)
+    spread = torch.tensor([[0.25, 4.0, 1.5]])
+    names = feature_names(LAYERS, spread=True)
+    assert names[-3:] == ["spread_enc", "spread_mid", "spread_dec"]
+    assert feature_names(LAYERS, tta=True, prototype=True, spread=True)[-7:] == [
+        "spread_enc", "spread_mid", "spread_dec", "proto_in", "proto_out", "proto_near", "tta_disagreement"]
+    rows = quality_features(prob, prob > 0.5, torch.full((1, 3, 2), 0.5), [1, 2], spread=spread)
+    without = quality_features(prob, prob > 0.5, torch.full((1, 3, 2), 0.5), [1, 2])
+    assert rows.shape == (1, 2, len(names))
+    torch.testing.assert_close(rows[..., :-3], without)
+    for k in range(2):
+        assert rows[0, k, -3:].tolist() == [0.25, 4.0, 1.5]
+    with pytest.raises(ValueError, match=r"spread must be \(B=1, L=3\).*got \(1, 2\)"):
+        quality_features(prob, prob > 0.5, torch.full((1, 3, 2), 0.5), [1, 2], spread=spread[:, :2])
+
+
+def test_aliased_feature_names_the_layer_of_sa_and_spread_columns_only():
+    aliases = {"model.1.submodule": "bottleneck", "prob": "output"}
+    assert [aliased_feature(name, aliases) for name in
+            ("sa_model.1.submodule", "spread_model.1.submodule", "fg_prob", "sa_model.0", "mean_sa")] == [
+        "sa_bottleneck", "spread_bottleneck", "fg_prob", "sa_model.0", "mean_sa"]
+
+
 def test_prototype_margins_match_features_resized_first_with_soft_prototypes():
     generator = torch.Generator().manual_seed(0)
     features = {"low": torch.randn(2, 3, 4, 4, generator=generator),
@@ -473,8 +513,8 @@ def test_defaults_are_the_logit_target_and_the_one_se_largest_rule():
     explicit = fit(x, dice, groups, target="logit", selection="one_se_largest", nested=False)
     assert (default.target, default.selection) == ("logit", "one_se_largest")
     np.testing.assert_array_equal(default.predict(x), explicit.predict(x))
-    assert default_feature_sets(feature_names(LAYERS, tta=True, prototype=True))["all"] == [
-        *feature_names(LAYERS), "tta_disagreement"]  # every column but the prototype features
+    assert default_feature_sets(feature_names(LAYERS, tta=True, prototype=True, spread=True))["all"] == [
+        *feature_names(LAYERS), "spread_enc", "spread_mid", "spread_dec", "tta_disagreement"]  # all but prototype
 
 
 def test_logit_target_fits_the_logit_and_predicts_its_sigmoid():

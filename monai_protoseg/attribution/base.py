@@ -30,11 +30,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, SegResNet, UNet
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from ..recorder import FeatureRecorder, candidate_layers, resolve_layers
+from ..layer_names import role_aliases
+from ..recorder import FeatureRecorder, candidate_layers, resolve_layers, unwrap_network
 
 __all__ = [
     "decoder_layers",
@@ -57,8 +57,10 @@ def decoder_layers(
     """The post-bottleneck decoder layers: the candidate layers after the bottleneck, the output block left out.
 
     The bottleneck is the candidate layer (see :func:`~monai_protoseg.candidate_layers`) with the smallest spatial
-    output, the deepest one if several share it. MONAI's ``UNet``, ``BasicUNet``, ``SegResNet``, ``DynUNet`` and
-    ``FlexibleUNet`` are known without running them; any other network needs ``example_input``, a batch the network
+    output, the deepest one if several share it. The networks whose layers' roles
+    :func:`~monai_protoseg.layer_names.role_aliases` knows with a bottleneck (MONAI's ``UNet``, ``AttentionUnet``,
+    ``BasicUNet``, ``SegResNet``, ``SegResNetDS``, ``DynUNet``, ``FlexibleUNet``, ``SwinUNETR``) are known without
+    running them; any other network needs ``example_input``, a batch the network
     accepts, to measure each candidate layer's output (one forward pass without gradients, in eval mode, restored).
 
     The output block (the last candidate layer: MONAI ``UNet``'s top up-sampling block, ``BasicUNet.final_conv``,
@@ -614,22 +616,13 @@ def _checked_weights(weights: Mapping[str, float] | None, layers: list[str]) -> 
 
 
 def _known_bottleneck(network: nn.Module, names: list[str]) -> int:
-    """Index in ``candidate_layers(network)`` of the bottleneck of a network known by its structure."""
-    while isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or hasattr(network, "_orig_mod"):
-        network = network.module if hasattr(network, "module") else network._orig_mod
-    if isinstance(network, UNet):  # encoders, bottom block, as many decoders (the last is the output block)
-        return len(names) // 2
-    decoders = {  # decoder blocks after the bottleneck, the output block included
-        BasicUNet: lambda net: 5,
-        SegResNet: lambda net: len(net.up_layers) + 1,
-        DynUNet: lambda net: len(net.upsamples) + 1,
-        FlexibleUNet: lambda net: len(net.decoder.blocks) + 1,
-    }
-    for network_type, count in decoders.items():
-        if isinstance(network, network_type):
-            return len(names) - count(network) - 1
-    raise ValueError(f"decoder_layers does not know {type(network).__name__}; pass example_input for a shape probe, "
-                     f"or name the layers.")
+    """Index in ``names`` (``candidate_layers(network)``) of the bottleneck of a network whose layers'
+    roles :func:`~monai_protoseg.layer_names.role_aliases` knows by its structure."""
+    roles = list(role_aliases(unwrap_network(network)[0]).values())
+    if "bottleneck" not in roles or len(roles) != len(names):
+        raise ValueError(f"decoder_layers does not know {type(unwrap_network(network)[0]).__name__}; pass "
+                         "example_input for a shape probe, or name the layers.")
+    return roles.index("bottleneck")
 
 
 def _probe_bottleneck(network: nn.Module, names: list[str], example_input: torch.Tensor) -> int:

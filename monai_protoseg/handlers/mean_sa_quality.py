@@ -27,12 +27,16 @@ from ..estimator import (
     ALPHAS,
     MAX_FOLDS,
     MIN_GROUPS,
+    MIN_ROWS,
     PER_CLASS,
     PROTOTYPE_FEATURES,
     SELECTIONS,
+    SPREAD_PREFIX,
     TARGETS,
     TTA_FEATURE,
     QualityEstimator,
+    activation_spread,
+    aliased_feature,
     feature_names,
     is_option,
     prototype_margins,
@@ -95,10 +99,10 @@ class MeanSAQualityHandler(LayerProbeHandler):
     (the image file name without folder and extension, from the image's meta data; names that repeat get ``#0``,
     ``#1``, ... in order), ``class``, ``group`` (only with the ``group`` option), ``mean_sa``,
     ``sa_{alias}`` per probed layer (its readable alias, see :func:`~monai_protoseg.layer_aliases`; ``layer_names.csv``
-    beside the CSV pairs each alias with its qualified name), with an estimator (given or fitted) the other features (``fg_prob``,
-    ``max_prob``, ``volume``, ``entropy``, ``boundary_margin``, ``proto_in``, ``proto_out``, ``proto_near``,
-    ``tta_disagreement``; the prototype features come from the mean-SA layers' recorded features, no extra network
-    pass, and are left out when a sliding window streams), then ``true_dice`` (when the cases have labels),
+    beside the CSV pairs each alias with its qualified name), with an estimator (given or fitted) the other features
+    (``fg_prob``, ``max_prob``, ``volume``, ``entropy``, ``boundary_margin``, ``spread_{alias}`` per probed layer,
+    ``proto_in``, ``proto_out``, ``proto_near``, ``tta_disagreement``; the spread and prototype features come from the
+    layers' recorded features, no extra network pass, and are left out when a sliding window streams), then ``true_dice`` (when the cases have labels),
     ``estimated_dice``, ``estimate_low``, ``estimate_high`` (the interval; NaN where there is none),
     ``calibrated_mean_sa`` (only when a mean-SA calibration exists), ``review``, ``note`` (always names the method).
     With an estimator in use, its CV table goes to ``output_dir/quality_cv.csv`` (the columns of
@@ -288,7 +292,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
         self._no_estimator = ""
         self._mean_sa_index: list[int] = []
         self._with_labels: bool | None = None
-        self._streamed_margins_said = False
+        self._streamed = False
 
     def default_layers(self, network: nn.Module) -> list[str]:
         """The profile layers (with an estimator), then the mean-SA layers not among them."""
@@ -313,7 +317,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
         if self.calibration is not None and not self.fit_calibration:
             self._check_network(self.calibration, self.calibration_path, self.mean_sa_layers)
         if self.use_estimator:
-            self.feature_names = feature_names(self.layers, tta=self.tta_flip, prototype=True)
+            self.feature_names = feature_names(self.layers, tta=self.tta_flip, prototype=True, spread=True)
             if not self.fit_estimator:
                 self._read_estimator()
         if self.estimator is None and not self.fit_estimator:
@@ -360,10 +364,11 @@ class MeanSAQualityHandler(LayerProbeHandler):
             self.dice(prediction.float(), self.one_hot_label(label.to(prob.device), prob.shape[1])[:, classes].float())
         if self.use_estimator:  # after the features are read: the flipped pass runs the network again
             flipped = [flip[:, classes] for flip in self._flipped_predictions(engine)] if self.tta_flip else None
+            margins, spread = self._stitched_features(request)
             self.feature_rows.extend(quality_features(
                 prob[:, classes], prediction, scores, self._mean_sa_index,
                 channel_prob=prob if self.output_activation == "softmax" else None, tta_prediction=flipped,
-                margins=self._margins(request),
+                margins=margins, spread=spread,
             ))
         self.record_case_names(engine, prob.shape[0])
         if self.group is not None:
@@ -379,8 +384,9 @@ class MeanSAQualityHandler(LayerProbeHandler):
         metrics = engine.state.metrics
         if self.use_estimator:
             names, values = self.feature_names, self.feature_rows.get_buffer()  # (N, K, F), gathered across ranks
-            if self._streamed_margins_said:  # streamed: no features kept, no prototype columns
-                keep = [i for i, name in enumerate(names) if name not in PROTOTYPE_FEATURES]
+            if self._streamed:  # streamed: no features kept, no prototype or spread columns
+                keep = [i for i, name in enumerate(names)
+                        if name not in PROTOTYPE_FEATURES and not name.startswith(SPREAD_PREFIX)]
                 names, values = [names[i] for i in keep], values[..., keep]
         else:
             names = ["mean_sa", *(f"sa_{layer}" for layer in self.layers)]
@@ -409,10 +415,9 @@ class MeanSAQualityHandler(LayerProbeHandler):
                             review, note)
             if self.estimator is not None:
                 columns, rows = self.estimator.cv_rows()
-                readable = {f"sa_{layer}": f"sa_{alias}" for layer, alias in self.layer_aliases.items()}
                 features = columns.index("features")  # named as the CSV's columns: by the layers' aliases
                 for row in rows:
-                    row[features] = " ".join(readable.get(name, name) for name in row[features].split())
+                    row[features] = " ".join(map(self._readable, row[features].split()))
                 atomic_write_csv(self.csv_path.parent / CV_FILENAME, columns,
                                  [[format_number(v) if isinstance(v, float) else v for v in row] for row in rows])
             self.logger.info(
@@ -584,7 +589,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
             f"{self.estimator.n_folds}-fold cross-validation grouped by {self._group_source()}; chosen feature set "
             f"{self.estimator.chosen!r} (selection {self.selection!r}); "
             + (f"one estimator per class kept: {self._method_note().removeprefix('estimator per class ')}; "
-               if self.estimator.per_class else "")
+               if self.estimator.per_class else self._per_class_skipped(true_dice))
             + f"nested cross-validation (selection inside the inner folds): r {self.estimator.nested_r:.3f}, MAE "
             f"{self.estimator.nested_mae:.3f}"
             + (f"; saved to {self.estimator_path}" if self.estimator_path else "")
@@ -599,19 +604,25 @@ class MeanSAQualityHandler(LayerProbeHandler):
         return (f"; {path}, from an earlier fit, is left as it was (an inference that reads it checks its network "
                 f"fingerprint)")
 
-    def _margins(self, request: ScoringRequest) -> torch.Tensor:
-        """The normalised prototype logits ``(B, L', K, *S)`` of the mean-SA layers
-        (:func:`~monai_protoseg.estimator.prototype_margins`), from the features the scoring pass recorded; NaN (said
-        once in the log) when the sliding window streamed and no features were stitched."""
+    def _stitched_features(self, request: ScoringRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the features the scoring pass recorded: the normalised prototype logits ``(B, L', K, *S)`` of the
+        mean-SA layers (:func:`~monai_protoseg.estimator.prototype_margins`) and the activation spread ``(B, L)`` of
+        every probed layer (:func:`~monai_protoseg.estimator.activation_spread`); both NaN (said once in the log)
+        when the sliding window streamed and no features were stitched."""
         prob = request.prob
         if request.streamed is None:
             features = {layer: request.features[layer] for layer in self.mean_sa_layers}
-            return prototype_margins(features, prob)  # request.prob already holds the guide's weights
-        if not self._streamed_margins_said and idist.get_rank() == self.save_rank:
-            self.logger.warning(f"{type(self).__name__}: the sliding window streamed, so the features of the layers "
-                                f"are not kept: the prototype features ({', '.join(PROTOTYPE_FEATURES)}) are NaN.")
-        self._streamed_margins_said = True
-        return torch.full((prob.shape[0], len(self.mean_sa_layers), *prob.shape[1:]), math.nan, device=prob.device)
+            spread = activation_spread({layer: request.features[layer] for layer in self.layers})
+            return prototype_margins(features, prob), spread  # request.prob already holds the guide's weights
+        if not self._streamed and idist.get_rank() == self.save_rank:
+            self.logger.warning(
+                f"{type(self).__name__}: the sliding window streamed, so the features of the layers are not kept: the "
+                f"prototype features ({', '.join(PROTOTYPE_FEATURES)}) and the {SPREAD_PREFIX}{{layer}} columns are "
+                "left out, and an estimator that uses them estimates NaN (fit it with the same mode).")
+        self._streamed = True
+        nan = math.nan
+        return (torch.full((prob.shape[0], len(self.mean_sa_layers), *prob.shape[1:]), nan, device=prob.device),
+                torch.full((prob.shape[0], len(self.layers)), nan, device=prob.device))
 
     def _flipped_predictions(self, engine: Engine) -> list[torch.Tensor]:
         """The binarised predictions ``(B, C, *S)`` for the batch's input flipped along each of ``tta_axes``, each
@@ -676,6 +687,18 @@ class MeanSAQualityHandler(LayerProbeHandler):
             return "case name"
         return f"meta-data key {self.group!r}" if isinstance(self.group, str) else "the group callable"
 
+    def _per_class_skipped(self, true_dice: torch.Tensor) -> str:
+        """The log's words when ``per_class="auto"`` could not compare per-class estimators (a class with too few
+        valid rows, so the pooled estimator is used for every class); ``""`` otherwise."""
+        labels = self.class_labels()
+        if self.per_class is False or len(labels) < 2 or not math.isnan(self.estimator.per_class_nested_mae):
+            return ""
+        valid = (~true_dice.isnan()).sum(0).tolist()
+        counts = ", ".join(f"{label}: {count}" for label, count in zip(labels, valid))
+        return (f"per-class estimators not compared: each class needs {MIN_ROWS} valid rows of {MIN_GROUPS} "
+                f"groups, and rows with true Dice were {counts} (before leaving out undefined features); the pooled "
+                "estimator estimates every class; ")
+
     def _warn_few_groups(self, count: int) -> None:
         """One log line when grouping leaves fewer groups than cross-validation folds, and what to set."""
         if count >= MAX_FOLDS or idist.get_rank() != self.save_rank:
@@ -701,6 +724,10 @@ class MeanSAQualityHandler(LayerProbeHandler):
         return (torch.from_numpy(np.asarray(low, dtype=np.float64)).to(estimated.device),
                 torch.from_numpy(np.asarray(high, dtype=np.float64)).to(estimated.device))
 
+    def _readable(self, name: str) -> str:
+        """A feature's name in the CSV: ``sa_{layer}`` and ``spread_{layer}`` by the layer's alias."""
+        return aliased_feature(name, self.layer_aliases)
+
     def _write_csv(
         self,
         cases: list[str],
@@ -716,9 +743,7 @@ class MeanSAQualityHandler(LayerProbeHandler):
     ) -> None:
         """One row per case and class: the value columns ``names`` of ``values`` ``(N, K, F)``, then the estimate
         ``(estimated, low, high)``, the calibrated mean SA (when there is a calibration), the flag and the note."""
-        readable = {f"sa_{layer}": f"sa_{alias}" for layer, alias in self.layer_aliases.items()}
-        columns = ["case", "class", *(["group"] if self.group is not None else []),
-                   *(readable.get(name, name) for name in names)]
+        columns = ["case", "class", *(["group"] if self.group is not None else []), *map(self._readable, names)]
         columns += ["true_dice"] if true_dice is not None else []
         columns += ["estimated_dice", "estimate_low", "estimate_high"]
         columns += ["calibrated_mean_sa"] if calibrated is not None else []

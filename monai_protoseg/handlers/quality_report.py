@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..estimator import aliased_feature
 from ..figures import figure_png
 from ..io import read_csv
 from ..layer_names import LAYER_NAMES_FILE, read_layer_names
@@ -192,7 +193,8 @@ def _checkable(quality: QualityRows) -> bool:
 
 def _cv_table(path: pathlib.Path) -> Table:
     """``quality_cv.csv`` with whatever columns it has: whole numbers as they are, other numbers with 3 decimals, and
-    the ``sa_{layer}`` features named by the layers' aliases where ``layer_names.csv`` beside it gives them."""
+    the ``sa_{layer}`` and ``spread_{layer}`` features named by the layers' aliases where ``layer_names.csv`` beside it
+    gives them."""
     table = read_csv(path)
     names = path.with_name(LAYER_NAMES_FILE)
     aliases = {layer: alias for alias, layer in read_layer_names(names).items()} if names.is_file() else {}
@@ -202,7 +204,7 @@ def _cv_table(path: pathlib.Path) -> Table:
         try:
             value = float(text)
         except ValueError:
-            words = [f"sa_{aliases[word[3:]]}" if word[3:] in aliases else word for word in text.split()]
+            words = [aliased_feature(word, aliases) for word in text.split()]
             return ", ".join(words) if len(words) > 1 else text, False
         return (text if value.is_integer() and text.lstrip("-").isdigit() else number_cell(value)), True
 

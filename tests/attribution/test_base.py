@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, SegResNet, UNet
+from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, FlexibleUNet, SegResNet, SegResNetDS, SwinUNETR, UNet
 from monai.utils import set_determinism
 from torch import nn
 
@@ -79,6 +79,15 @@ def test_decoder_layers_of_flexible_unet_and_wrapped_networks():
     assert decoder_layers(torch.compile(unet, backend="eager")) == [
         f"_orig_mod.{n}" for n in EXPECTED_DECODERS["UNet"]
     ]
+
+
+def test_decoder_layers_of_every_network_whose_roles_are_known_agree_with_the_probe():
+    set_determinism(seed=0)
+    for network, size in ((AttentionUnet(2, 1, 2, channels=(4, 8, 16), strides=(2, 2)), 32),
+                          (SegResNetDS(2, 4, 1, 2, blocks_down=(1, 1, 1)), 32),
+                          (SwinUNETR(in_channels=1, out_channels=2, spatial_dims=2, feature_size=12), 64)):
+        known = decoder_layers(network)  # from the layers' roles, no forward pass
+        assert known and known == decoder_layers(network, example_input=torch.rand(1, 1, size, size)), network
 
 
 def test_decoder_layers_of_other_networks_need_a_probe():

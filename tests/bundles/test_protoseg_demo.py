@@ -112,7 +112,8 @@ def test_quality_files_and_the_calibration_agree(trained):
     # 12 validation cases: enough for the SA-profile estimator, which then makes the estimates
     estimator = QualityEstimator.load(output_dir / "models" / "quality_estimator.json", layers=candidate_layers(
         network_def()))
-    columns = {f"sa_{layer}": f"sa_{alias}" for layer, alias in aliases.items()}  # the CSVs name layers by alias
+    columns = {f"{prefix}{layer}": f"{prefix}{alias}" for layer, alias in aliases.items()
+               for prefix in ("sa_", "spread_")}  # the CSVs name layers by alias
     for rows in (validation, read_rows(output_dir / "quality.csv")):
         for row in rows:
             assert row["note"] == f"estimator ({estimator.chosen})"

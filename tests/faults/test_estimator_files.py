@@ -216,7 +216,8 @@ def test_a_file_without_fingerprint_is_used_with_a_warning_that_it_cannot_be_che
     assert f"{path} has no network fingerprint" in caplog.text and "cannot be checked" in caplog.text
     assert {row["note"] for row in read_rows(tmp_path / "quality.csv")} == {f"estimator ({data['chosen']})"}
     rows = read_rows(tmp_path / "quality.csv")
-    columns = {f"sa_{layer}": f"sa_{alias}" for layer, alias in handler.layer_aliases.items()}  # CSVs: by alias
+    columns = {f"{prefix}{layer}": f"{prefix}{alias}" for layer, alias in handler.layer_aliases.items()
+               for prefix in ("sa_", "spread_")}  # CSVs: by alias
     features = np.array([[float(row[columns.get(name, name)]) for name in data["feature_names"]] for row in rows])
     np.testing.assert_allclose([float(row["estimated_dice"]) for row in rows], handler.estimator.predict(features),
                                atol=1e-6)

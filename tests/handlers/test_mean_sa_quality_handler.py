@@ -37,8 +37,10 @@ PROFILE_ALIASES = {"model.0": "encoder.1", "model.1.submodule.0": "encoder.2", "
 
 
 def csv_column(feature: str) -> str:
-    """The quality CSV's column of an estimator feature: ``sa_{layer}`` is named by the layer's alias."""
-    return f"sa_{PROFILE_ALIASES[feature[3:]]}" if feature.startswith("sa_") else feature
+    """The quality CSV's column of an estimator feature: ``sa_{layer}`` and ``spread_{layer}`` are named by the
+    layer's alias."""
+    prefix, _, layer = feature.partition("_")
+    return f"{prefix}_{PROFILE_ALIASES[layer]}" if prefix in ("sa", "spread") else feature
 
 
 def named_batches(count: int = 4, classes: int = 1, labels: bool = True) -> list[dict]:
@@ -261,7 +263,8 @@ def test_sa_and_quality_handlers_share_one_sliding_window_wrapper(tmp_path):
 def expected_features(network, batches, layers, mean_layers=QUALITY_LAYERS):
     """Independent computation of the estimator's feature rows (sigmoid, one class): the naive SA of every layer
     against ``prob > 0.5``, the mean over ``mean_layers``, the mean probability inside the prediction, the mean of
-    ``max(p, 1 - p)``, the predicted fraction of the image, and the true Dice."""
+    ``max(p, 1 - p)``, the predicted fraction of the image, the activation spread of every layer (numpy's population
+    std of each channel over the image, averaged over channels), and the true Dice."""
     rows = []
     for batch in batches:
         with torch.no_grad(), FeatureRecorder(network, layers) as recorder:
@@ -275,6 +278,9 @@ def expected_features(network, batches, layers, mean_layers=QUALITY_LAYERS):
             row |= {"fg_prob": prob[b][own[0]].double().mean().item(),
                     "max_prob": torch.maximum(prob[b], 1 - prob[b]).double().mean().item(),
                     "volume": own.double().mean().item()}
+            for layer in layers:
+                values = recorder[layer][b].double().flatten(1).numpy()
+                row[f"spread_{layer}"] = float(np.mean([np.std(channel) for channel in values]))
             if "label" in batch:
                 row["true_dice"] = naive_dice(own[0, 0], batch["label"][b, 0] > 0.5)
             rows.append(row)
@@ -332,7 +338,7 @@ def test_fit_estimator_during_validation_writes_the_json_and_the_feature_columns
     saved = QualityEstimator.load(path, layers, QUALITY_LAYERS)
     assert saved.to_dict() == handler.estimator.to_dict()
     assert (saved.n_rows, saved.n_groups, saved.n_excluded) == (12, 12, 0)
-    names = feature_names(layers, prototype=True)
+    names = feature_names(layers, prototype=True, spread=True)
     rows = read_rows(tmp_path / "quality.csv")
     assert list(rows[0]) == ["case", "class", *map(csv_column, names), "true_dice", "estimated_dice", "estimate_low",
                              "estimate_high",

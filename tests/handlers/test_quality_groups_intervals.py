@@ -108,7 +108,9 @@ def test_quality_cv_csv_holds_every_set_and_the_nested_row(tmp_path):
         rows = list(csv.DictReader(stream))
     estimator = handler.estimator
     assert [row["feature_set"] for row in rows] == [*estimator.feature_sets, "selected"]
-    readable = {f"sa_{layer}": f"sa_{alias}" for layer, alias in handler.layer_aliases.items()}
+    readable = {f"{prefix}{layer}": f"{prefix}{alias}" for layer, alias in handler.layer_aliases.items()
+                for prefix in ("sa_", "spread_")}
+    assert any(name.startswith("spread_") for name in estimator.feature_sets["all"].features)
     for row in rows[:-1]:
         score = estimator.feature_sets[row["feature_set"]]
         assert row["features"].split() == [readable.get(name, name) for name in score.features]  # by alias
@@ -275,6 +277,23 @@ def test_per_class_estimators_in_the_handler_estimate_each_class_with_its_own(tm
     with pytest.raises(ValueError, match=r"estimator.json: classes \['a', 'b'\] have no estimator.*class_names"):
         evaluate(network, named_batches(count=1, classes=3, labels=False), output_dir=tmp_path / "inference",
                  estimator=tmp_path / "estimator.json", activation="softmax", class_names=["a", "b"])
+
+
+def test_per_class_auto_says_when_a_class_has_too_few_rows_to_compare(tmp_path, caplog):
+    network, batches = make_network(out_channels=3), named_batches(count=4, classes=3)  # 8 cases: 8 rows per class
+    with caplog.at_level(logging.INFO, logger="monai_protoseg.handlers.mean_sa_quality"):
+        _, handler = evaluate(network, batches, output_dir=tmp_path, fit_estimator=True, activation="softmax",
+                              class_names=["left", "right"])
+    assert handler.estimator is not None and handler.estimator.per_class == {}
+    assert math.isnan(handler.estimator.per_class_nested_mae)
+    assert ("per-class estimators not compared: each class needs 10 valid rows of 3 groups, and rows with true Dice "
+            "were left: 8, right: 8") in caplog.text
+    assert "the pooled estimator estimates every class" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="monai_protoseg.handlers.mean_sa_quality"):
+        evaluate(network, batches, output_dir=tmp_path / "never", fit_estimator=True, activation="softmax",
+                 class_names=["left", "right"], per_class=False)
+    assert "per-class estimators not compared" not in caplog.text  # not asked for: nothing to say
 
 
 @pytest.mark.parametrize("argument, value", [("selection", "one-se"), ("target", "log"), ("per_class", "yes"),

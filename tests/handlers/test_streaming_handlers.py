@@ -22,12 +22,12 @@ LAYERS = ["model.0", "model.1.submodule.1.submodule", "model.1.submodule.2", "mo
 """Layers at scales 1/2, 1/4 (the bottleneck), 1/2 and 1 of a 2D UNet."""
 
 
-def network_and_batches(classes: int = 1) -> tuple[UNet, list[dict]]:
-    """A 2D UNet and two batches of two 32x48 images with file names (several windows of 16x16 each)."""
+def network_and_batches(classes: int = 1, count: int = 2) -> tuple[UNet, list[dict]]:
+    """A 2D UNet and ``count`` batches of two 32x48 images with file names (several windows of 16x16 each)."""
     set_determinism(seed=0)
     network = UNet(2, 1, classes, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
     batches = []
-    for i, batch in enumerate(make_batches(count=2, classes=classes, size=48)):
+    for i, batch in enumerate(make_batches(count=count, classes=classes, size=48)):
         files = [f"/data/imagesTr/case_{i}{b}.nii.gz" for b in range(2)]
         image = torch.nn.functional.pad(batch["image"], (0, 0, 0, -16))  # 32 x 48
         label = torch.nn.functional.pad(batch["label"], (0, 0, 0, -16))
@@ -69,6 +69,38 @@ def test_streamed_scores_and_quality_rows_equal_stitched(tmp_path, blend, classe
     assert [row["case"] for row in streamed[1]] == [row["case"] for row in stitched[1]]
     for got, want in zip(streamed[1], stitched[1]):
         assert float(got["mean_sa"]) == pytest.approx(float(want["mean_sa"]), abs=1e-6, nan_ok=True)
+
+
+def test_streamed_estimator_rows_leave_out_the_stitched_feature_columns_and_say_so(tmp_path, caplog):
+    network, batches = network_and_batches(count=6)  # 12 cases: enough to fit an estimator
+    results = {}
+    for mode in ("stitch", "stream"):
+        quality = MeanSAQualityHandler(LAYERS[2:], mode=mode, output_dir=tmp_path / mode, fit_estimator=True)
+        with caplog.at_level(logging.WARNING, logger="monai_protoseg.handlers.mean_sa_quality"):
+            run(network, batches, [quality])
+        results[mode] = rows(tmp_path / mode / "quality.csv"), caplog.text
+        caplog.clear()
+    (stitched, stitch_log), (streamed, stream_log) = results["stitch"], results["stream"]
+    stitched_only = [name for name in stitched[0] if name.startswith("spread_") or name.startswith("proto_")]
+    assert len(stitched_only) == 5 + 3 and "not kept" not in stitch_log  # a spread per candidate layer
+    assert list(streamed[0]) == [name for name in stitched[0] if name not in stitched_only]
+    assert "spread_{layer} columns are left out" in stream_log and "proto_in, proto_out, proto_near" in stream_log
+    for got, want in zip(streamed, stitched, strict=True):
+        for name in ("mean_sa", "fg_prob", "entropy", "boundary_margin"):
+            assert float(got[name]) == pytest.approx(float(want[name]), abs=1e-6, rel=1e-6, nan_ok=True), name
+
+
+def test_an_estimator_using_spread_estimates_nan_when_the_window_streams(tmp_path, caplog):
+    network, batches = network_and_batches(count=6)
+    fitted = tmp_path / "estimator.json"
+    run(network, batches, [MeanSAQualityHandler(LAYERS[2:], mode="stitch", output_dir=tmp_path, estimator=fitted,
+                                                fit_estimator=True, feature_sets={"spread": ["spread_model.0"]})])
+    assert not any(row["estimated_dice"] == "nan" for row in rows(tmp_path / "quality.csv"))
+    quality = MeanSAQualityHandler(LAYERS[2:], mode="stream", output_dir=tmp_path / "stream", estimator=fitted)
+    with caplog.at_level(logging.WARNING, logger="monai_protoseg.handlers.mean_sa_quality"):
+        run(network, batches, [quality])
+    assert all(row["estimated_dice"] == "nan" for row in rows(tmp_path / "stream" / "quality.csv"))
+    assert "an estimator that uses them estimates NaN (fit it with the same mode)" in caplog.text
 
 
 def test_streaming_builds_no_stitched_features_and_runs_the_windows_twice_per_batch(monkeypatch, tmp_path):
