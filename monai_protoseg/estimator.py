@@ -162,6 +162,9 @@ decision boundary (``z = 0``) than halfway to either prototype (``|z| = 1``)."""
 SPREAD_PREFIX = "spread_"
 """The prefix of the activation-spread columns: ``spread_{layer}`` (see :func:`activation_spread`)."""
 
+SPREAD_CHUNK_ELEMENTS = 2**20
+"""Feature elements per step of :func:`activation_spread` (4 MiB of float32 deviations at a time)."""
+
 LAYER_FEATURE_PREFIXES = ("sa_", SPREAD_PREFIX)
 """The prefixes of the columns that belong to one probed layer: ``sa_{layer}`` and ``spread_{layer}``."""
 
@@ -213,6 +216,10 @@ def activation_spread(features: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The activation spread of every layer and image: the mean over channels of the (population) standard
     deviation of the features over the image, at the layer's own resolution.
 
+    Two passes (the mean, then the norm of the deviations, :data:`SPREAD_CHUNK_ELEMENTS` at a time): no copy of the
+    features is made (half-precision ones are converted a chunk at a time), and it is several times faster than
+    ``torch.std`` on CPU.
+
     Args:
         features: ``{layer: (B, C, *S_f)}`` features of the layers.
 
@@ -226,10 +233,15 @@ def activation_spread(features: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """
     spreads = []
     for layer_features in features.values():
-        values = layer_features.as_subclass(torch.Tensor).flatten(2)
-        if values.dtype not in (torch.float32, torch.float64):
-            values = values.float()  # half precision: its own sum of squares would lose the digits
-        spreads.append(values.std(-1, correction=0).double().mean(1))
+        values = layer_features.as_subclass(torch.Tensor).flatten(2)  # (B, C, P)
+        dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
+        mean = values.mean(-1, keepdim=True, dtype=dtype)
+        squares = torch.zeros(values.shape[:2], dtype=torch.float64, device=values.device)
+        step = max(1, SPREAD_CHUNK_ELEMENTS // max(1, values.shape[0] * values.shape[1]))
+        for start in range(0, values.shape[-1], step):
+            deviation = values[..., start:start + step].to(dtype) - mean
+            squares += torch.linalg.vector_norm(deviation, dim=-1).double().square()
+        spreads.append((squares / values.shape[-1]).sqrt().mean(1))
     return torch.stack(spreads, 1)
 
 
