@@ -217,8 +217,7 @@ def activation_spread(features: Mapping[str, torch.Tensor]) -> torch.Tensor:
     deviation of the features over the image, at the layer's own resolution.
 
     Two passes (the mean, then the norm of the deviations, :data:`SPREAD_CHUNK_ELEMENTS` at a time): no copy of the
-    features is made (half-precision ones are converted a chunk at a time), and it is several times faster than
-    ``torch.std`` on CPU.
+    features is made (half-precision ones are converted a chunk at a time).
 
     Args:
         features: ``{layer: (B, C, *S_f)}`` features of the layers.
@@ -492,9 +491,10 @@ class QualityEstimator:
 
     Fitting, for every feature set and every penalty of ``alphas``: each fold's rows are estimated by a ridge
     regression fitted on the other folds (features standardised with the training rows' mean and population standard
-    deviation; intercept unpenalised; to the logit of Dice with ``target="logit"``), mapped back to [0, 1]; the penalty with the smallest mean absolute error of these
-    out-of-fold estimates wins (ties: the larger penalty). The feature set is chosen by ``selection`` (see
-    :data:`SELECTIONS`; ties: the earlier set) and refitted on all valid rows with its penalty. The per-set CV figures
+    deviation; intercept unpenalised; to the logit of Dice with ``target="logit"``), mapped back to [0, 1]; the penalty
+    with the smallest mean absolute error of these out-of-fold estimates wins (ties: the larger penalty). The feature
+    set is chosen by ``selection`` (see :data:`SELECTIONS`; ties: the earlier set) and refitted on all valid rows with
+    its penalty. The per-set CV figures
     (``feature_sets``) are optimistic for the chosen set, which was picked because they were good: the honest figures
     are ``nested_r`` and ``nested_mae``, where every outer fold's rows are estimated by the whole procedure (penalty
     and set chosen by an inner grouped CV) run on the other outer folds. The absolute nested out-of-fold errors are

@@ -104,7 +104,8 @@ class MeanSAQualityHandler(LayerProbeHandler):
     ``proto_in``, ``proto_out``, ``proto_near``, ``tta_disagreement``; the spread and prototype features come from the
     layers' recorded features, no extra network pass, and are left out when a sliding window streams), then
     ``true_dice`` (when the cases have labels), ``estimated_dice``, ``estimate_low``, ``estimate_high`` (the interval;
-    NaN where there is none), ``calibrated_mean_sa`` (only when a mean-SA calibration exists), ``review``, ``note`` (always names the method).
+    NaN where there is none), ``calibrated_mean_sa`` (only when a mean-SA calibration exists), ``review``, ``note``
+    (always names the method).
     With an estimator in use, its CV table goes to ``output_dir/quality_cv.csv`` (the columns of
     :meth:`~monai_protoseg.QualityEstimator.cv_rows`). ``engine.state.metrics`` gets ``f"{name}_mean_sa"``,
     ``f"{name}_review"`` (the number of flagged rows), ``f"{name}_undefined"`` (rows whose mean SA is NaN), when a
