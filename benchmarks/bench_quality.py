@@ -386,8 +386,8 @@ def mni152_sets(size: int, levels: int) -> dict[str, list[dict]]:
     1 mm axial slices (at least 10 % brain) are cut into blocks of ``MNI_BLOCK`` neighbouring slices
     (``split_by_blocks``, one slice left out at every change of split): half the blocks train, a quarter each go to
     ``"a"`` and ``"b"``, so slices of different splits are at least 2 mm apart. Each case is a dict with ``image``
-    (float32 ``(size, size)``), ``label`` (``(size, size)``, 0/1/2), ``name``, ``block``, and for held-out cases
-    ``degradation`` and ``level``.
+    (float32 ``(size, size)``), ``label`` (``(size, size)``, 0/1/2), ``name``, ``z`` (the slice's index, 1 mm
+    apart), ``block``, and for held-out cases ``degradation`` and ``level``.
     """
     from monai_protoseg.mni152 import mni152_axial_slices, split_by_blocks
 
@@ -402,14 +402,14 @@ def mni152_sets(size: int, levels: int) -> dict[str, list[dict]]:
         image, label = slices["t1"][i].numpy(), slices["label"][i].numpy()
         block = (z[i] - z[0]) // MNI_BLOCK
         if split == "train":
-            sets[split].append({"image": image, "label": label, "name": f"z{z[i]:03d}", "block": block})
+            sets[split].append({"image": image, "label": label, "name": f"z{z[i]:03d}", "z": z[i], "block": block})
             continue
         for degradation in MNI_DEGRADATIONS:
             for level, difficulty in enumerate(difficulties):
                 rng = np.random.default_rng([z[i], level, MNI_DEGRADATIONS.index(degradation)])
                 degraded = degrade_slice(image.astype(np.float64), degradation, float(difficulty), rng)
                 sets[split].append({"image": degraded.astype(np.float32), "label": label,
-                                    "name": f"z{z[i]:03d}_{degradation}{level}", "block": block,
+                                    "name": f"z{z[i]:03d}_{degradation}{level}", "z": z[i], "block": block,
                                     "degradation": degradation, "level": level})
     return sets
 

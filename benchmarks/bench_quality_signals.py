@@ -18,15 +18,35 @@ extra passes of the same network (no ground truth), for each case and scored cla
 - ``flip soft Dice``: the soft Dice of the prediction against the probabilities of the left-right flipped pass;
 - ``image roughness``: the mean squared difference of horizontally neighbouring pixels of the input over its
   variance (noise raises it, blur lowers it);
+- ``shift``: the same for the input rolled by one pixel (right, down, both, left; the prediction rolled back),
+  averaged: a strided network is not shift-equivariant;
+- ``blur``: the same for the input blurred by a Gaussian of sigma 0.75 pixel;
+- ``sharpen``: the same for the input sharpened by an unsharp mask (input plus input minus its blur of sigma 1);
+- ``feature dropout``: the same for the network with dropout (p = 0.1, inverted scaling) on the output of every probed
+  layer but the first and the last (forward hooks, removed after), 4 draws: a perturbation of the model, not of
+  the input;
+- ``half resolution``: the same for the input downsampled by 2 (area) and upsampled back (bilinear);
+- ``isolated pixels``: the predicted pixels of the class with fewer than 3 of their 8 neighbours predicted the
+  same, over the predicted pixels (noise makes the prediction speckled);
+- ``noise level``: the median absolute difference of the input and its blur of sigma 1, over the input's standard
+  deviation;
 - ``spread in mask``: the activation spread (``activation_spread``) of every layer inside the class's predicted mask
   only, at the layer's resolution.
 
-Two tables: each candidate as a single signal, linearly calibrated on the calibration part;
+Two tables score the candidates: each as a single signal, linearly calibrated on the calibration part;
 and the estimator of the handler defaults' columns (``all``: the SA profile, confidence, entropy, boundary margin,
 activation spread, ``tta_disagreement``), fitted on the calibration part, with each candidate added in turn. A
 candidate helps if it lowers the test MAE of that estimator. The last row replaces the ridge regression by
 scikit-learn's gradient-boosted trees on the same columns, when scikit-learn is installed: a check that the linear
 model is not what limits the estimate.
+
+A third table asks where the rest of the error lies, with the same ridge estimator: with the other class's columns of
+the same case; with each slice's degradation and level as columns (known to the benchmark only); and corrected by the
+mean residual (on the calibration part) of the 15 calibration rows of the same class nearest in the network's own
+features (the probed layers but the first and the last, each channel averaged over the image, standardised), with
+every calibration slice as a neighbour, and with those within 10 mm of the test slice left out. The last row corrects
+by the residuals of the 3 calibration slices nearest in z at the same degradation and level (known to the benchmark
+only).
 """
 
 from __future__ import annotations
@@ -60,6 +80,7 @@ CLASSES = ("grey", "white")
 """The scored classes of the tissue network (output channels 1 and 2)."""
 
 CANDIDATES = ("noise", "bias field", "gamma", "soft Dice", "boundary fraction", "flip soft Dice", "image roughness",
+              "shift", "blur", "sharpen", "feature dropout", "half resolution", "isolated pixels", "noise level",
               "spread in mask")
 """The candidates; ``spread in mask`` has one column per layer and no single-signal row."""
 
@@ -84,6 +105,34 @@ def perturbed(network: torch.nn.Module, images: torch.Tensor, prediction: torch.
     """The mean disagreement of the prediction with those for the perturbed inputs: ``(N, K)``."""
     return np.mean([disagreement(prediction, predict(network, perturb(images))[1]).numpy()
                     for perturb in perturbations], 0)
+
+
+def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``(N, 1, H, W)`` images blurred by a Gaussian of ``sigma`` pixels (separable, reflected at the border)."""
+    radius = math.ceil(3 * sigma)
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=images.dtype) / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    rows = torch.nn.functional.conv2d(torch.nn.functional.pad(images, (radius, radius, 0, 0), mode="reflect"),
+                                      kernel.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(rows, (0, 0, radius, radius), mode="reflect"),
+                                      kernel.view(1, 1, -1, 1))
+
+
+def dropout_prediction(network: torch.nn.Module, images: torch.Tensor, layers: Sequence[str], p: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """The prediction of :func:`predict` with dropout (``p``, inverted scaling) on the output of each of ``layers``;
+    the hooks are removed afterwards."""
+    modules = dict(network.named_modules())
+
+    def drop(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * (torch.rand(output.shape, generator=generator) >= p) / (1 - p)
+
+    handles = [modules[name].register_forward_hook(drop) for name in layers]
+    try:
+        return predict(network, images)[1]
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def candidate_signals(network: torch.nn.Module, images: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
@@ -123,6 +172,21 @@ def candidate_signals(network: torch.nn.Module, images: torch.Tensor, seed: int)
         mean = (weights * values).sum((3, 4)) / total
         variance = (weights * (values - mean[..., None, None]) ** 2).sum((3, 4)) / total
         in_mask.append(variance.sqrt().mean(-1).numpy())
+    shifts = []
+    for shift in ((0, 1), (1, 0), (1, 1), (0, -1)):
+        rolled = predict(network, images.roll(shift, (2, 3)))[1].roll(tuple(-step for step in shift), (2, 3))
+        shifts.append(disagreement(prediction, rolled).numpy())
+    dropped = [disagreement(prediction, dropout_prediction(network, images, layers[1:-1], 0.1, generator)).numpy()
+               for _ in range(4)]
+
+    def half_resolution(image: torch.Tensor) -> torch.Tensor:
+        small = torch.nn.functional.interpolate(image, scale_factor=0.5, mode="area")
+        return torch.nn.functional.interpolate(small, size=image.shape[2:], mode="bilinear", align_corners=False)
+
+    same = torch.nn.functional.conv2d(prediction.flatten(0, 1)[:, None].double(), torch.ones(1, 1, 3, 3).double(),
+                                      padding=1).view(prediction.shape) - prediction.double()
+    isolated = (prediction & (same < 3)).sum((2, 3)).double() / count.clamp_min(1)
+    noise_level = (images - blurred(images, 1.0)).flatten(1).abs().median(1).values / images.flatten(1).std(1)
     return {
         "noise": perturbed(network, images, prediction, [noise] * 4),
         "bias field": perturbed(network, images, prediction, [bias] * 4),
@@ -132,8 +196,23 @@ def candidate_signals(network: torch.nn.Module, images: torch.Tensor, seed: int)
         "flip soft Dice": (2 * (flip_prob * prediction).sum((2, 3)) / (flip_prob.sum((2, 3)) + count)
                            .clamp_min(1e-9)).numpy(),
         "image roughness": np.repeat(roughness.double().numpy()[:, None], prob.shape[1], 1),
+        "shift": np.mean(shifts, 0),
+        "blur": perturbed(network, images, prediction, [lambda image: blurred(image, 0.75)]),
+        "sharpen": perturbed(network, images, prediction, [lambda image: 2 * image - blurred(image, 1.0)]),
+        "feature dropout": np.mean(dropped, 0),
+        "half resolution": perturbed(network, images, prediction, [half_resolution]),
+        "isolated pixels": isolated.numpy(),
+        "noise level": np.repeat(noise_level.double().numpy()[:, None], prob.shape[1], 1),
         "spread in mask": np.stack(in_mask, -1),
     }
+
+
+def pooled_features(network: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    """Each channel of the probed layers but the first and the last, averaged over the image: ``(N, channels)``."""
+    layers = candidate_layers(network)[1:-1]
+    with FeatureRecorder(network, layers) as recorder, torch.no_grad():
+        network(images)
+        return torch.cat([recorder[layer].as_subclass(torch.Tensor).mean((2, 3)) for layer in layers], 1).numpy()
 
 
 def split_tables(sets: dict[str, list[dict]], network: torch.nn.Module, seed: int, folder: str) -> dict:
@@ -146,13 +225,17 @@ def split_tables(sets: dict[str, list[dict]], network: torch.nn.Module, seed: in
                             tta_flip=[-1])
         images = torch.from_numpy(np.stack([case["image"] for case in sets[part]])[:, None])
         signals = candidate_signals(network, images, seed)
+        embedding = pooled_features(network, images)
         index = {case["name"]: i for i, case in enumerate(sets[part])}
         cases = np.array([index[row["case"]] for row in rows])
         classes = np.array([CLASSES.index(row["class"]) for row in rows])
         table = {name: column(rows, name) for name in rows[0] if name not in ("case", "class", "group", "review",
                                                                               "note")}
-        table["group"], table["class"] = np.array([row["group"] for row in rows]), np.array([row["class"] for row in
-                                                                                             rows])
+        for key in ("case", "class", "group"):
+            table[key] = np.array([row[key] for row in rows])
+        table["embedding"] = embedding[cases]
+        table["z"] = np.array([sets[part][i]["z"] for i in cases])
+        table["condition"] = np.array([f"{sets[part][i]['degradation']}{sets[part][i]['level']}" for i in cases])
         for name, values in signals.items():
             if values.ndim == 3:
                 for layer in range(values.shape[-1]):
@@ -169,15 +252,93 @@ def estimator_columns(table: dict[str, np.ndarray]) -> list[str]:
     return [name for name in list(table)[first:last] if name not in PROTOTYPE_FEATURES]
 
 
-def scores(calibration: dict, test: dict, columns: list[str]) -> tuple[float, float]:
-    """Test MAE and r of a ridge estimator on ``columns`` fitted on the calibration part (grouped by block)."""
+def ridge(calibration: dict, test: dict, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The estimates of a ridge estimator on ``columns`` fitted on the calibration part (grouped by block), for the
+    calibration rows and the test rows."""
     x = np.stack([calibration[name] for name in columns], 1)
     estimator = QualityEstimator.fit(x, calibration["true_dice"], calibration["group"], feature_names=columns,
                                      layers=[], classes=calibration["class"], feature_sets={"all": columns},
                                      nested=False, per_class=False)
-    estimate = estimator.predict(np.stack([test[name] for name in columns], 1))
+    return estimator.predict(x), estimator.predict(np.stack([test[name] for name in columns], 1))
+
+
+def test_scores(estimate: np.ndarray, test: dict) -> tuple[float, float]:
+    """MAE and r of test estimates, on the rows where both the estimate and Dice are defined."""
     keep = ~np.isnan(estimate) & ~np.isnan(test["true_dice"])
     return mae_r(estimate[keep], test["true_dice"][keep])
+
+
+def scores(calibration: dict, test: dict, columns: list[str]) -> tuple[float, float]:
+    """Test MAE and r of a ridge estimator on ``columns`` fitted on the calibration part (grouped by block)."""
+    return test_scores(ridge(calibration, test, columns)[1], test)
+
+
+def neighbour_corrected(calibration: dict, test: dict, columns: list[str], distance: np.ndarray, k: int) -> np.ndarray:
+    """The ridge estimates of the test rows plus the mean calibration residual (Dice minus estimate) of the ``k``
+    calibration rows of the same class nearest by ``distance`` ``(test rows, calibration rows)``; ``inf`` excludes a
+    pair, and the correction is 0 for a row with no neighbour left."""
+    estimate_calibration, estimate = ridge(calibration, test, columns)
+    residual = calibration["true_dice"] - estimate_calibration
+    distance = np.where((test["class"][:, None] == calibration["class"][None]) & ~np.isnan(residual)[None], distance,
+                        np.inf)
+    nearest = np.argsort(distance, 1, kind="stable")[:, :k]
+    found = np.isfinite(np.take_along_axis(distance, nearest, 1))
+    total = np.where(found, np.nan_to_num(residual[nearest]), 0).sum(1)
+    return estimate + total / np.maximum(found.sum(1), 1)
+
+
+def feature_distance(calibration: dict, test: dict) -> np.ndarray:
+    """Squared Euclidean distances of the test rows' pooled features to the calibration rows', each channel
+    standardised on the calibration part: ``(test rows, calibration rows)``."""
+    mean, std = calibration["embedding"].mean(0), calibration["embedding"].std(0) + 1e-6
+    a, b = (test["embedding"] - mean) / std, (calibration["embedding"] - mean) / std
+    return (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
+
+
+def with_other_class(table: dict, columns: list[str]) -> list[str]:
+    """Adds to ``table`` the other scored class's value of each of ``columns`` for the same case (``other {name}``);
+    their names."""
+    row = {(case, label): i for i, (case, label) in enumerate(zip(table["case"], table["class"]))}
+    other = np.array([row[case, CLASSES[1 - CLASSES.index(label)]] for case, label in zip(table["case"],
+                                                                                           table["class"])])
+    for name in columns:
+        table[f"other {name}"] = table[name][other]
+    return [f"other {name}" for name in columns]
+
+
+def with_condition(calibration: dict, test: dict) -> list[str]:
+    """Adds to both tables one 0/1 column per degradation and level of the calibration part (``condition {name}``);
+    their names."""
+    conditions = sorted(set(calibration["condition"]))
+    for table in (calibration, test):
+        for condition in conditions:
+            table[f"condition {condition}"] = (table["condition"] == condition).astype(float)
+    return [f"condition {condition}" for condition in conditions]
+
+
+ANALYSES = ("ridge on the handler defaults' columns", "+ the other class's columns of the same case",
+            "+ each slice's degradation and level (known to the benchmark only)",
+            "+ residual of the 15 nearest calibration rows in the network's features",
+            "+ the same, calibration slices within 10 mm of the test slice left out",
+            "+ residual of the 3 calibration slices nearest in z, same degradation and level (known to the benchmark "
+            "only)")
+"""The rows of the third table (module docstring)."""
+
+
+def analyses(calibration: dict, test: dict, columns: list[str]) -> list[tuple[float, float]]:
+    """Test MAE and r of each of :data:`ANALYSES`."""
+    other = with_other_class(calibration, columns)
+    with_other_class(test, columns)
+    features = feature_distance(calibration, test)
+    near = np.abs(test["z"][:, None] - calibration["z"][None]) <= 10
+    same_condition = test["condition"][:, None] == calibration["condition"][None]
+    in_z = np.where(same_condition, np.abs(test["z"][:, None] - calibration["z"][None]).astype(float), np.inf)
+    return [scores(calibration, test, columns),
+            scores(calibration, test, columns + other),
+            scores(calibration, test, columns + with_condition(calibration, test)),
+            test_scores(neighbour_corrected(calibration, test, columns, features, 15), test),
+            test_scores(neighbour_corrected(calibration, test, columns, np.where(near, np.inf, features), 15), test),
+            test_scores(neighbour_corrected(calibration, test, columns, in_z, 3), test)]
 
 
 def boosted_scores(calibration: dict, test: dict, columns: list[str]) -> tuple[float, float]:
@@ -214,7 +375,7 @@ def single_scores(calibration: dict, test: dict, name: str) -> tuple[float, floa
 
 
 def run(argv: Sequence[str] = ()) -> list[Table]:
-    """Train, compute the candidates and score them; the two tables (mean over seeds and splits)."""
+    """Train, compute the candidates and score them; the three tables (mean over seeds and splits)."""
     options = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     options.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 20 steps, 2 levels, 1 seed")
     options.add_argument("--seeds", type=int, help="training seeds (default 3; 1 with --quick)")
@@ -228,6 +389,7 @@ def run(argv: Sequence[str] = ()) -> list[Table]:
     added: dict[str, list] = {"none: the handler defaults' columns": []}
     added |= {f"+ {name}": [] for name in CANDIDATES}
     added["gradient-boosted trees instead of ridge (same columns)"] = []
+    analysed: dict[str, list] = {name: [] for name in ANALYSES}
     with tempfile.TemporaryDirectory() as folder:
         for seed in range(seeds):
             parts = split_tables(sets, train_tissue_network(sets["train"], steps, seed), seed, folder)
@@ -243,6 +405,8 @@ def run(argv: Sequence[str] = ()) -> list[Table]:
                 added["none: the handler defaults' columns"].append(scores(calibration, test, columns))
                 added["gradient-boosted trees instead of ridge (same columns)"].append(
                     boosted_scores(calibration, test, columns))
+                for name, result in zip(ANALYSES, analyses(calibration, test, columns)):
+                    analysed[name].append(result)
             print(f"quality signals: seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
 
     def rows(results: dict[str, list]) -> list[list[str]]:
@@ -254,11 +418,13 @@ def run(argv: Sequence[str] = ()) -> list[Table]:
     return [Table(["signal", "test MAE", "test r"], rows(single),
                   f"Each candidate alone, linearly calibrated on the calibration part ({runs}):"),
             Table(["estimator columns", "test MAE", "test r"], rows(added),
-                  "The handler defaults' estimator (ridge, `all` set, tta_flip=[-1]) with each candidate added:")]
+                  "The handler defaults' estimator (ridge, `all` set, tta_flip=[-1]) with each candidate added:"),
+            Table(["estimator", "test MAE", "test r"], rows(analysed),
+                  "Where the rest of the error lies (the same ridge estimator, module docstring):")]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Print the machine and the two tables."""
+    """Print the machine and the three tables."""
     print(machine_line())
     for table in run(sys.argv[1:] if argv is None else argv):
         print("\n" + table.markdown())

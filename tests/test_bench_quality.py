@@ -132,13 +132,17 @@ def test_signals_of_an_empty_prediction_and_of_augmentations_that_agree():
 
 def test_candidate_signals_quick_run_scores_every_candidate(capsys):
     signals = load_benchmark("bench_quality_signals")
-    single, added = signals.run(["--quick"])
+    single, added, analysed = signals.run(["--quick"])
     assert [row[0] for row in single.rows] == [*signals.CANDIDATES[:-1],
                                               "tta_disagreement (the handler's, for reference)"]
     assert [row[0] for row in added.rows] == ["none: the handler defaults' columns",
                                              *(f"+ {name}" for name in signals.CANDIDATES),
                                              "gradient-boosted trees instead of ridge (same columns)"]
     for row in added.rows[:-1]:  # every ridge estimator is fitted and scored (the trees need scikit-learn)
+        assert 0 <= float(row[1]) <= 1 and -1 <= float(row[2]) <= 1
+    assert [row[0] for row in analysed.rows] == list(signals.ANALYSES)
+    assert analysed.rows[0][1:] == added.rows[0][1:]  # the same ridge estimator on the same columns
+    for row in analysed.rows:
         assert 0 <= float(row[1]) <= 1 and -1 <= float(row[2]) <= 1
 
 
@@ -151,8 +155,9 @@ def test_candidate_disagreements_are_zero_for_a_network_blind_to_the_perturbatio
         network.model[-1].conv.bias.copy_(torch.tensor([0.0, 2.0, 0.0]))
     images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     values = signals.candidate_signals(network, images, seed=0)
-    for name in ("noise", "bias field", "gamma"):
+    for name in ("noise", "bias field", "gamma", "shift", "blur", "sharpen", "feature dropout", "half resolution"):
         assert (values[name] == 0).all(), name
+    assert (values["isolated pixels"] == 0).all()  # class 1 everywhere has no isolated pixel, class 2 no pixel
     p = math.exp(2) / (math.exp(2) + 2)  # softmax of (0, 2, 0)
     np.testing.assert_allclose(values["soft Dice"][:, 0], 2 * p * 256 / (p * 256 + 256))
     np.testing.assert_allclose(values["flip soft Dice"][:, 0], 2 * p * 256 / (p * 256 + 256))
@@ -160,3 +165,64 @@ def test_candidate_disagreements_are_zero_for_a_network_blind_to_the_perturbatio
     assert (values["boundary fraction"] == 0).all() and (values["spread in mask"] == 0).all()
     rough = ((images[..., 1:] - images[..., :-1]) ** 2).mean((1, 2, 3)) / images.flatten(1).var(1)
     np.testing.assert_allclose(values["image roughness"][:, 0], rough.double().numpy(), rtol=1e-6)
+
+
+def numpy_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    radius = math.ceil(3 * sigma)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    for axis in (0, 1):
+        image = np.apply_along_axis(lambda line: np.convolve(np.pad(line, radius, mode="reflect"), kernel, "valid"),
+                                    axis, image)
+    return image
+
+
+def test_blur_noise_level_and_isolated_pixels_against_numpy():
+    signals = load_benchmark("bench_quality_signals")
+    images = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    blurred = signals.blurred(images, 0.75)
+    for image, result in zip(images[:, 0].numpy(), blurred[:, 0].numpy()):
+        np.testing.assert_allclose(result, numpy_blur(image, 0.75), atol=1e-12)
+
+    network = UNet(2, 1, 3, channels=(4, 8), strides=(2,)).eval()
+    values = signals.candidate_signals(network, images.float(), seed=0)
+    prediction = signals.predict(network, images.float())[1].numpy()
+    for i, image in enumerate(images[:, 0].float().numpy()):
+        difference = np.abs(image.astype(np.float64) - numpy_blur(image.astype(np.float64), 1.0)).ravel()
+        level = np.sort(difference)[(difference.size - 1) // 2] / image.std(ddof=1)  # torch's median: the lower one
+        assert values["noise level"][i] == pytest.approx([level, level], rel=1e-5)
+        for k in range(2):
+            mask = np.pad(prediction[i, k], 1)
+            same = sum(np.roll(np.roll(mask, dy, 0), dx, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                       if (dy, dx) != (0, 0))[1:-1, 1:-1]
+            isolated = (prediction[i, k] & (same < 3)).sum() / max(prediction[i, k].sum(), 1)
+            assert values["isolated pixels"][i, k] == pytest.approx(isolated)
+
+
+def test_neighbour_correction_adds_the_mean_residual_of_the_nearest_rows_of_the_class(monkeypatch):
+    signals = load_benchmark("bench_quality_signals")
+    calibration = {"true_dice": np.array([0.9, 0.5, 0.7, np.nan, 0.6]),
+                   "class": np.array(["grey", "grey", "grey", "grey", "white"])}
+    test = {"true_dice": np.array([0.8, 0.8, 0.8]), "class": np.array(["grey", "white", "grey"])}
+    estimate_calibration, estimate = np.array([0.8, 0.8, 0.8, 0.8, 0.8]), np.array([0.5, 0.6, 0.7])
+    monkeypatch.setattr(signals, "ridge", lambda *args: (estimate_calibration, estimate))
+    distance = np.array([[3.0, 1.0, 2.0, 0.0, 0.0],  # nearest grey rows with a residual: 1 (-0.3), then 2 (-0.1)
+                         [0.0, 0.0, 0.0, 0.0, 9.0],  # the only white row: 4 (-0.2)
+                         [np.inf, np.inf, np.inf, 0.0, 0.0]])  # no grey row left: no correction
+    corrected = signals.neighbour_corrected(calibration, test, [], distance, k=2)
+    np.testing.assert_allclose(corrected, [0.5 + (-0.3 - 0.1) / 2, 0.6 - 0.2, 0.7])
+
+
+def test_feature_distance_and_other_class_columns():
+    signals = load_benchmark("bench_quality_signals")
+    rng = np.random.default_rng(0)
+    calibration, test = {"embedding": rng.normal(size=(5, 3))}, {"embedding": rng.normal(size=(4, 3))}
+    mean, std = calibration["embedding"].mean(0), calibration["embedding"].std(0)
+    expected = [[(((t - mean) / std - (c - mean) / std) ** 2).sum() for c in calibration["embedding"]]
+                for t in test["embedding"]]
+    np.testing.assert_allclose(signals.feature_distance(calibration, test), expected, rtol=1e-5)
+
+    table = {"case": np.array(["a", "a", "b", "b"]), "class": np.array(["grey", "white", "white", "grey"]),
+             "fg_prob": np.array([0.1, 0.2, 0.3, 0.4])}
+    assert signals.with_other_class(table, ["fg_prob"]) == ["other fg_prob"]
+    np.testing.assert_array_equal(table["other fg_prob"], [0.2, 0.1, 0.4, 0.3])
