@@ -245,7 +245,7 @@ def activation_spread(features: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def prototype_margins(
-    features: Mapping[str, torch.Tensor], prob: torch.Tensor, *, guide: str = "soft"
+    features: Mapping[str, torch.Tensor], prob: torch.Tensor, *, guide: str = "soft", guides: dict | None = None
 ) -> torch.Tensor:
     """The normalised prototype logit ``z = 2 (f - m) . d / ||d||^2`` of every layer and class at ``prob``'s grid.
 
@@ -258,37 +258,49 @@ def prototype_margins(
         features: ``{layer: (B, C, *S_f)}`` features of the layers.
         prob: ``(B, K, *S)`` foreground probability of each class, in [0, 1] (guides the prototypes).
         guide: ``"soft"`` or ``"binary"`` prototype weights (see :func:`~monai_protoseg.prototypes`).
+        guides: the prototype weights per features' dtype that an SA pass over the same ``prob``, ``guide`` and no
+            mask built (the handlers' shared scoring pass keeps them, so each feature grid's weights are made once
+            a batch); those missing are built here and added. ``None``: built here.
 
     Returns:
         ``(B, L, K, *S)`` float32 (float64 for float64 features); NaN for an image and class whose prototypes do not
         exist or coincide.
+
+    Raises:
+        ValueError: a shape does not match, ``prob`` is not in [0, 1] or the features are not finite; the message
+            names the layer.
 
     Example:
         >>> prob = torch.zeros(1, 1, 4, 4); prob[..., :2] = 1
         >>> prototype_margins({"a": prob}, prob)[0, 0, 0, 0].tolist()  # features = prob: fg 1, bg 0
         [1.0, 1.0, -1.0, -1.0]
     """
-    from .protoseg import prototypes  # here: the package imports this module while initialising
+    from .protoseg import (  # here: the package imports this module while initialising
+        _check_inputs,
+        _Guide,
+        _prepare_features,
+        _prepare_guide,
+        _prototype_logits,
+        _prototypes,
+        _resize,
+    )
 
-    size = prob.shape[2:]
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    guides = {} if guides is None else guides  # the prototype weights, built once per dtype for every layer
     layers = []
-    for layer_features in features.values():
-        layer_features = layer_features.as_subclass(torch.Tensor)
-        if layer_features.dtype != torch.float64:
-            layer_features = layer_features.float()
-        classes = []
-        for k in range(prob.shape[1]):
-            fg, bg = prototypes(layer_features, prob[:, k:k + 1], guide=guide)  # (B, C) each
-            d, m = fg - bg, (fg + bg) / 2
-            norm = (d * d).sum(1)
-            norm = torch.where(norm > 0, norm, math.nan)
-            shape = (*d.shape, *(1,) * len(size))
-            z = 2 * ((layer_features - m.view(shape)) * d.view(shape)).sum(1) / norm.view(-1, *(1,) * len(size))
-            if z.shape[1:] != size:
-                z = torch.nn.functional.interpolate(z[:, None], size=tuple(size), mode=mode, align_corners=False)[:, 0]
-            classes.append(z)
-        layers.append(torch.stack(classes, 1))
+    for layer, layer_features in features.items():
+        try:
+            _check_inputs(layer_features, prob[:, :1])
+            # scaled by a power of two and translated to their mean: z does not change
+            prepared, _, _ = _prepare_features(layer_features)
+            if prepared.dtype not in guides:
+                guides[prepared.dtype] = _Guide(_prepare_guide(prob, None, None, prepared.dtype, guide)[0])
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layer {layer!r}: {error}") from error
+        fg, bg = _prototypes(prepared, guides[prepared.dtype])  # (B, K, C) each
+        norm = (fg - bg).square().sum(-1)  # ||d||^2: (B, K)
+        norm = torch.where(norm > 0, norm, math.nan)
+        logits = _prototype_logits(prepared, fg, bg, unit_wise=False)  # 2 (f - m) . d: (B, K, *S_f)
+        layers.append(_resize(logits / norm.view(*norm.shape, *(1,) * (logits.ndim - 2)), prob.shape[2:]))
     return torch.stack(layers, 1)
 
 
@@ -356,44 +368,55 @@ def quality_features(
     if spread is not None and (spread.ndim != 2 or spread.shape != (batch, layer_sa.shape[1])):
         raise ValueError(f"spread must be (B={batch}, L={layer_sa.shape[1]}) like the SA axis of layer_sa, got "
                          f"{tuple(spread.shape)}.")
-    boundary = _boundary(prediction.as_subclass(torch.Tensor).bool()).flatten(2)
-    p = prob.as_subclass(torch.Tensor).double().flatten(2)  # (B, K, P)
+    # per pixel in the probabilities' dtype (float32 at least): no float64 copy of a volume is made. torch sums
+    # float32 pixels pairwise (relative error ~1e-7 over a whole volume); the totals are then float64.
+    p = prob.as_subclass(torch.Tensor).flatten(2)  # (B, K, P)
+    p = p if p.dtype in (torch.float32, torch.float64) else p.float()
     predicted = prediction.as_subclass(torch.Tensor).bool().flatten(2)
-    count = predicted.sum(-1).double()  # (B, K)
+    boundary = _boundary(prediction.as_subclass(torch.Tensor).bool()).flatten(2)
+    pixels = p.shape[-1]
+
+    def total(values: torch.Tensor) -> torch.Tensor:
+        """The sum over pixels (the last axis), float64; the number of true pixels of a bool tensor."""
+        return (values.count_nonzero(-1) if values.dtype == torch.bool else values.sum(-1)).double()
+
+    count = total(predicted)  # (B, K)
     layer_sa = layer_sa.as_subclass(torch.Tensor).to(device=prob.device, dtype=torch.float64)
     mean_sa = layer_sa[:, mean_sa_layers].nanmean(1)
-    fg_prob = torch.where(count > 0, (p * predicted).sum(-1) / count.clamp_min(1), math.nan)
+    fg_prob = torch.where(count > 0, total(p * predicted) / count.clamp_min(1), math.nan)
     if channel_prob is None:
-        max_prob = torch.maximum(p, 1 - p).mean(-1)
+        max_prob = total(torch.maximum(p, 1 - p)) / pixels
     else:  # softmax: the maximum over all channels, the same for every class of a case
-        top = channel_prob.as_subclass(torch.Tensor).double().amax(1).flatten(1).mean(-1)
+        top = total(channel_prob.as_subclass(torch.Tensor).amax(1).flatten(1)) / pixels
         max_prob = top[:, None].expand(-1, classes)
-    volume = count / p.shape[-1]
-    q = p.clamp(1e-12, 1 - 1e-12)
-    entropy = -(q * q.log2() + (1 - q) * (1 - q).log2()).mean(-1)
-    edge = boundary.sum(-1)
-    boundary_margin = torch.where(edge > 0, ((2 * p - 1).abs() * boundary).sum(-1) / edge.clamp_min(1), math.nan)
+    volume = count / pixels
+    tiny = torch.finfo(p.dtype).tiny
+    r = 1 - p
+    entropy = -total(p * p.clamp_min(tiny).log() + r * r.clamp_min(tiny).log()) / (pixels * math.log(2))  # 0 log 0 = 0
+    edge = total(boundary)
+    boundary_margin = torch.where(edge > 0, total((2 * p - 1).abs_().mul_(boundary)) / edge.clamp_min(1), math.nan)
     columns = [mean_sa[..., None], layer_sa.transpose(1, 2), fg_prob[..., None], max_prob[..., None], volume[..., None],
                entropy[..., None], boundary_margin[..., None]]
     if spread is not None:
         spread = spread.as_subclass(torch.Tensor).to(device=prob.device, dtype=torch.float64)
         columns.append(spread[:, None].expand(-1, classes, -1))
     if margins is not None:
-        z = margins.as_subclass(torch.Tensor).to(device=prob.device, dtype=torch.float64)
-        z = z.flatten(3).abs()  # (B, L, K, P)
+        z = margins.as_subclass(torch.Tensor).to(prob.device).flatten(3).abs()  # (B, L, K, P)
+        z = z if z.dtype in (torch.float32, torch.float64) else z.float()
         inside, count_in = predicted[:, None], count[:, None]  # (B, 1, K, P), (B, 1, K)
-        count_out = p.shape[-1] - count_in
-        proto_in = torch.where(count_in > 0, (z * inside).sum(-1) / count_in.clamp_min(1), math.nan).mean(1)
-        proto_out = torch.where(count_out > 0, (z * ~inside).sum(-1) / count_out.clamp_min(1), math.nan).mean(1)
-        proto_near = torch.where(z.isnan().any(-1), math.nan, (z < NEAR_BOUNDARY).double().mean(-1)).mean(1)
+        count_out = pixels - count_in
+        sum_all, sum_in = total(z), total(z * inside)  # NaN where the layer's map is (undefined prototypes)
+        proto_in = torch.where(count_in > 0, sum_in / count_in.clamp_min(1), math.nan).mean(1)
+        proto_out = torch.where(count_out > 0, (sum_all - sum_in) / count_out.clamp_min(1), math.nan).mean(1)
+        proto_near = torch.where(sum_all.isnan(), math.nan, total(z < NEAR_BOUNDARY) / pixels).mean(1)
         columns += [proto_in[..., None], proto_out[..., None], proto_near[..., None]]
     if flips:
         disagreement = torch.zeros_like(count)
         for flip in flips:
             other = flip.as_subclass(torch.Tensor).to(prob.device).bool().flatten(2)
-            total = count + other.sum(-1).double()
-            overlap = (predicted & other).sum(-1).double()
-            disagreement += torch.where(total > 0, 1 - 2 * overlap / total.clamp_min(1), 0.0)
+            both = count + total(other)
+            overlap = total(predicted & other)
+            disagreement += torch.where(both > 0, 1 - 2 * overlap / both.clamp_min(1), 0.0)
         columns.append((disagreement / len(flips))[..., None])
     return torch.cat(columns, dim=-1)
 

@@ -454,8 +454,8 @@ def streamed_prototype_logits(
             for rows, position, block in state.blocks(window_features, image, layer_grid.slices[window]):
                 share = weights[(image, slice(None), *position)].to(sw_device) * layer_grid.importance[0, :, rows]
                 share = share.flatten(1)  # (2K, rows x the other axes)
-                low, high = block.aminmax()
-                state.largest[image] = torch.maximum(state.largest[image], torch.maximum(-low, high).double())
+                block_largest = torch.maximum(block.amax(), -block.amin())  # NaN propagates
+                state.largest[image] = torch.maximum(state.largest[image], block_largest.double())
                 state.totals[image] += share.sum(1).double()
                 state.sums[image] += (share @ block.T).double()
 

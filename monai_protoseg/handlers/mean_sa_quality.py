@@ -362,10 +362,11 @@ class MeanSAQualityHandler(LayerProbeHandler):
         prediction = request.target
         self.metric.extend(scores)
         if label is not None:
-            self.dice(prediction.float(), self.one_hot_label(label.to(prob.device), prob.shape[1])[:, classes].float())
+            one_hot = self.shared_one_hot_label(engine, label.to(prob.device), prob.shape[1])
+            self.dice(prediction.float(), one_hot[:, classes].float())
         if self.use_estimator:  # after the features are read: the flipped pass runs the network again
             flipped = [flip[:, classes] for flip in self._flipped_predictions(engine)] if self.tta_flip else None
-            margins, spread = self._stitched_features(request)
+            margins, spread = self._stitched_features(request, batch_scoring(engine).guides(self))
             self.feature_rows.extend(quality_features(
                 prob[:, classes], prediction, scores, self._mean_sa_index,
                 channel_prob=prob if self.output_activation == "softmax" else None, tta_prediction=flipped,
@@ -605,16 +606,18 @@ class MeanSAQualityHandler(LayerProbeHandler):
         return (f"; {path}, from an earlier fit, is left as it was (an inference that reads it checks its network "
                 f"fingerprint)")
 
-    def _stitched_features(self, request: ScoringRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stitched_features(self, request: ScoringRequest, guides: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """From the features the scoring pass recorded: the normalised prototype logits ``(B, L', K, *S)`` of the
-        mean-SA layers (:func:`~monai_protoseg.estimator.prototype_margins`) and the activation spread ``(B, L)`` of
-        every probed layer (:func:`~monai_protoseg.estimator.activation_spread`); both NaN (said once in the log)
-        when the sliding window streamed and no features were stitched."""
+        mean-SA layers (:func:`~monai_protoseg.estimator.prototype_margins`, with the scoring pass's ``guides``)
+        and the activation spread ``(B, L)`` of every probed layer
+        (:func:`~monai_protoseg.estimator.activation_spread`); both NaN (said once in the log) when the sliding
+        window streamed and no features were stitched."""
         prob = request.prob
         if request.streamed is None:
             features = {layer: request.features[layer] for layer in self.mean_sa_layers}
             spread = activation_spread({layer: request.features[layer] for layer in self.layers})
-            return prototype_margins(features, prob), spread  # request.prob already holds the guide's weights
+            # request.prob already holds the guide's weights
+            return prototype_margins(features, prob, guides=guides), spread
         if not self._streamed and idist.get_rank() == self.save_rank:
             self.logger.warning(
                 f"{type(self).__name__}: the sliding window streamed, so the features of the layers are not kept: the "

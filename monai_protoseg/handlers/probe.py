@@ -331,7 +331,7 @@ class LayerProbeHandler:
         if image is not None:
             check_same_grid(what, grid_of(value, batch, self.label_key),
                             grid_of(image, batch, self.image_key), cause)
-        return as_batch(value)
+        return batch_scoring(engine).shared(engine, "label", value, lambda: as_batch(value))  # stacked once a batch
 
     def batch_mask(self, engine: Engine, key: str) -> torch.Tensor:
         """The ``(B, 1, *S)`` value of ``key`` in the batch the network saw, on the network's grid.
@@ -386,7 +386,10 @@ class LayerProbeHandler:
                 f"{tuple(expected)}: {type(self).__name__} needs the prediction over the whole input (a "
                 f"SlidingWindowInferer is handled; another inferer that runs the network on parts is not)."
             )
-        prob = self.activate(logits)
+        self._resolve_activation(logits)
+        # handlers of one engine with the same activation share one copy (the handlers only read it)
+        prob = batch_scoring(engine).shared(engine, ("prob", self.output_activation), logits,
+                                            lambda: self.activate(logits))
         self.class_indices = self._classes(prob.shape[1])
         return prob, features
 
@@ -396,6 +399,17 @@ class LayerProbeHandler:
         The first call of a run resolves ``activation="auto"`` (and checks an explicit one against the evaluator's
         postprocessing) and logs the choice once.
         """
+        self._resolve_activation(logits)
+        logits = logits.float()
+        if self.output_activation == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.output_activation == "softmax":
+            return torch.softmax(logits, dim=1)
+        return logits
+
+    def _resolve_activation(self, logits: torch.Tensor) -> None:
+        """Resolve ``activation="auto"`` on the first output of a run (and check an explicit one against the
+        evaluator's postprocessing), logging the choice once; refuse softmax on a one-channel output."""
         if not self._activation_resolved:
             found = postprocessing_activation(self._postprocessing)
             self.output_activation, reason, warning = resolve_activation(
@@ -407,12 +421,6 @@ class LayerProbeHandler:
             self._activation_resolved = True
         elif self.output_activation == "softmax" and logits.shape[1] == 1:
             resolve_activation("softmax", 1, None, type(self).__name__)  # raises
-        logits = logits.float()
-        if self.output_activation == "sigmoid":
-            return torch.sigmoid(logits)
-        if self.output_activation == "softmax":
-            return torch.softmax(logits, dim=1)
-        return logits
 
     def record_case_names(self, engine: Engine, count: int) -> None:
         """Append the names of the ``count`` cases of the batch that just ran (see :meth:`case_names`)."""
@@ -469,12 +477,13 @@ class LayerProbeHandler:
         label = label.as_subclass(torch.Tensor)
         where = f"the label ({self.label_key!r})" if self.label_transform is None else f"the label of {self.label_option}"
         if label.shape[1] == channels:
-            if label.dtype != torch.bool and not ((label == 0) | (label == 1)).all():
+            mask = label.bool()
+            if label.dtype != torch.bool and not torch.equal(label, mask.to(label.dtype)):  # 0 and 1 only (no NaN)
                 raise ValueError(
                     f"{type(self).__name__}: {where} has {channels} channel(s) like the network output, so it must be "
                     f"binary (0/1) per channel; found values {_some_values(label)}."
                 )
-            return label.bool()
+            return mask
         if label.shape[1] == 1:
             if label.dtype != torch.bool and not ((label >= 0) & (label < channels) & (label == label.round())).all():
                 raise ValueError(
@@ -487,6 +496,11 @@ class LayerProbeHandler:
             f"{type(self).__name__}: {where} has {label.shape[1]} channels; expected 1 (class indices) or "
             f"{channels} (one-hot or multi-label, like the network output)."
         )
+
+    def shared_one_hot_label(self, engine: Engine, label: torch.Tensor, channels: int) -> torch.Tensor:
+        """:meth:`one_hot_label`, computed once per batch for the handlers of ``engine`` that read the same label."""
+        return batch_scoring(engine).shared(engine, ("one_hot_label", channels), label,
+                                            lambda: self.one_hot_label(label, channels))
 
     def class_labels(self) -> list[str]:
         """The names of the scored classes, in the order of ``self.class_indices``."""

@@ -173,7 +173,7 @@ class SAScoreHandler(LayerProbeHandler):
         if self.reference == "pred":
             target = self.binarised(prob)
         else:
-            target = self.one_hot_label(label.to(prob.device), prob.shape[1])
+            target = self.shared_one_hot_label(engine, label.to(prob.device), prob.shape[1])
         mask = None if self.mask_key is None else self.batch_mask(engine, self.mask_key).to(prob.device)
         return ScoringRequest(self.layers, features, self.guide_weights(prob)[:, classes], target[:, classes], mask,
                               self.ignore_empty, self.share_key(self.mask_key), streamed=self.streamed_inferer())

@@ -12,20 +12,22 @@ prototype logits (two passes over the windows for every layer of the group) inst
 from __future__ import annotations
 
 import weakref
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from ignite.engine import Engine
 
-from ..protoseg import sa_scores
+from ..protoseg import _shared_guide_sa_scores
 from ..streaming import sa_scores_from_logits
 
 if TYPE_CHECKING:
     from ..inferers import ProtoSegInferer
 
 __all__ = ["ScoringRequest", "BatchScoring", "batch_scoring"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,34 @@ class BatchScoring:
 
     A handler joins when the engine starts and leaves when it completes or raises. The first :meth:`scores` call of an
     iteration asks every joined handler for its :class:`ScoringRequest` and scores them all; later calls of the same
-    iteration read the result.
+    iteration read the result. What the handlers derive alike from one tensor of the batch (its probabilities, its
+    one-hot label) is computed once per iteration too (:meth:`shared`).
     """
 
     def __init__(self) -> None:
         self.handlers: list[ScoringHandler] = []
         self._iteration: tuple[int, int] | None = None
         self._results: dict[int, tuple[ScoringRequest, torch.Tensor]] = {}
+        self._shared_iteration: tuple[int, int] | None = None
+        self._shared: dict[Hashable, tuple[torch.Tensor, Any]] = {}
+        self._guides: dict[int, dict] = {}
+
+    def shared(self, engine: Engine, key: Hashable, source: torch.Tensor | Sequence[torch.Tensor],
+               compute: Callable[[], T]) -> T:
+        """``compute()``, derived from ``source`` as ``key`` says, once per iteration for every handler of the engine.
+
+        A value is reused only within the iteration and for a ``source`` (a tensor, or a list of them: a decollated
+        batch) that views the very same data (the same memory, shape, strides and dtype; not merely equal values):
+        the handlers must not modify what it returns. The cache holds ``source``, so its memory cannot be reused by
+        another tensor while the value is kept.
+        """
+        iteration = (engine.state.epoch, engine.state.iteration)
+        if self._shared_iteration != iteration:
+            self._shared_iteration, self._shared = iteration, {}
+        cached = self._shared.get(key)
+        if cached is None or not _same_data(cached[0], source):
+            cached = self._shared[key] = source, compute()
+        return cached[1]
 
     def join(self, handler: ScoringHandler) -> None:
         """Score ``handler``'s requests from now on (a second call does nothing)."""
@@ -88,25 +111,35 @@ class BatchScoring:
         """Stop scoring ``handler``; forget the current batch."""
         self.handlers = [member for member in self.handlers if member is not handler]
         self._iteration, self._results = None, {}
+        self._shared_iteration, self._shared = None, {}
 
     def scores(self, engine: Engine, handler: ScoringHandler) -> tuple[ScoringRequest, torch.Tensor]:
         """``handler``'s request for the batch that just ran and its layer-wise scores ``(B, L, K)``."""
         iteration = (engine.state.epoch, engine.state.iteration)
         if self._iteration != iteration or id(handler) not in self._results:
-            self._iteration, self._results = None, {}  # a failure below leaves nothing half-scored
+            self._iteration, self._results, self._guides = None, {}, {}  # a failure leaves nothing half-scored
             members = self.handlers if any(member is handler for member in self.handlers) else [handler]
-            self._results = self._score(engine, members)
+            self._results, self._guides = self._score(engine, members)
             self._iteration = iteration
         return self._results[id(handler)]
 
+    def guides(self, handler: ScoringHandler) -> dict:
+        """The prototype weights per dtype that the scoring pass of the batch that just ran built for ``handler``'s
+        group when it has no mask (see :func:`~monai_protoseg.estimator.prototype_margins`); a new empty dict
+        otherwise. Call it after :meth:`scores`."""
+        return self._guides.get(id(handler), {})
+
     @staticmethod
-    def _score(engine: Engine, handlers: Sequence[ScoringHandler]) -> dict[int, tuple[ScoringRequest, torch.Tensor]]:
-        """Score every handler's request, one pass per group of requests that share their maps."""
+    def _score(
+        engine: Engine, handlers: Sequence[ScoringHandler]
+    ) -> tuple[dict[int, tuple[ScoringRequest, torch.Tensor]], dict[int, dict]]:
+        """Score every handler's request, one pass per group of requests that share their maps: the results and,
+        for the members of groups without a mask, the guides of their pass."""
         requests = {id(handler): handler.scoring_request(engine) for handler in handlers}
         groups: dict[Hashable, list[int]] = {}
         for key, request in requests.items():
             groups.setdefault((request.share, request.ignore_empty), []).append(key)
-        results = {}
+        results, member_guides = {}, {}
         streamed_logits: dict[Hashable, dict[str, torch.Tensor]] = {}  # by share key: the passes run once
         for members in groups.values():
             first = requests[members[0]]
@@ -120,11 +153,25 @@ class BatchScoring:
                                                    ignore_empty=first.ignore_empty)
             else:  # each member's layers, from the same network's recording
                 features = {layer: requests[key].features[layer] for key in members for layer in requests[key].layers}
-                per_target = sa_scores(features, first.prob, targets, first.mask, ignore_empty=first.ignore_empty)
+                guides: dict = {}
+                per_target = _shared_guide_sa_scores(features, first.prob, targets, first.mask, unit_wise=False,
+                                                     ignore_empty=first.ignore_empty, guide="soft", guides=guides)
+                if first.mask is None:
+                    member_guides.update(dict.fromkeys(members, guides))
             for key, scores in zip(members, per_target):
                 request = requests[key]
                 results[key] = request, torch.stack([scores[layer] for layer in request.layers], dim=1)
-        return results
+        return results, member_guides
+
+
+def _same_data(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way (two wrappers of one tensor), item by item for
+    lists of tensors."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and len(a) == len(b)
+                and all(_same_data(x, y) for x, y in zip(a, b)))
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device)
 
 
 _SCORING: weakref.WeakKeyDictionary[Engine, BatchScoring] = weakref.WeakKeyDictionary()
