@@ -691,3 +691,27 @@ def test_a_version_2_file_loads_as_a_pooled_estimator():
             if key not in ("per_class", "pooled_nested_mae", "per_class_nested_mae", "per_class_se")}
     loaded = QualityEstimator.from_dict({**data, "version": 2})
     assert loaded == estimator and loaded.per_class == {}
+
+
+def test_quality_features_do_not_change_with_threads_or_batch_company():
+    """Sums over a volume's pixels must not depend on how torch splits them (it splits the single sum of one image
+    and class across threads) or on the other cases of the batch: one process of a two-process evaluation then
+    writes the same features as a single process."""
+    generator = torch.Generator().manual_seed(0)
+    prob = torch.rand(2, 1, 40, 48, 72, generator=generator)  # 138240 pixels: several sum blocks and a tail
+    layer_sa, margins = torch.rand(2, 3, 1, generator=generator), torch.randn(2, 1, 1, 40, 48, 72, generator=generator)
+
+    def features(index: slice) -> torch.Tensor:
+        return quality_features(prob[index], prob[index] > 0.5, layer_sa[index], [1, 2], margins=margins[index])
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        alone_two_threads, together = features(slice(1, 2)), features(slice(0, 2))
+        torch.set_num_threads(1)
+        alone_one_thread = features(slice(1, 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone_two_threads, alone_one_thread) and torch.equal(together[1:], alone_one_thread)
+    p = prob.double().flatten(2)
+    np.testing.assert_allclose(together[..., 4].numpy(), (p * (p > 0.5)).sum(-1) / (p > 0.5).sum(-1), rtol=1e-6)
