@@ -72,8 +72,9 @@ class BatchScoring:
 
     A handler joins when the engine starts and leaves when it completes or raises. The first :meth:`scores` call of an
     iteration asks every joined handler for its :class:`ScoringRequest` and scores them all; later calls of the same
-    iteration read the result. What the handlers derive alike from one tensor of the batch (its probabilities, its
-    one-hot label) is computed once per iteration too (:meth:`shared`).
+    iteration read the result. What the handlers derive alike from the batch (its probabilities, its stacked and
+    one-hot label) is computed once per iteration too (:meth:`shared`), and the prototype weights of a group's pass
+    are kept for its members (:meth:`guides`).
     """
 
     def __init__(self) -> None:
@@ -81,7 +82,7 @@ class BatchScoring:
         self._iteration: tuple[int, int] | None = None
         self._results: dict[int, tuple[ScoringRequest, torch.Tensor]] = {}
         self._shared_iteration: tuple[int, int] | None = None
-        self._shared: dict[Hashable, tuple[torch.Tensor, Any]] = {}
+        self._shared: dict[Hashable, tuple[torch.Tensor | Sequence[torch.Tensor], Any]] = {}
         self._guides: dict[int, dict] = {}
 
     def shared(self, engine: Engine, key: Hashable, source: torch.Tensor | Sequence[torch.Tensor],
