@@ -275,31 +275,12 @@ def prototype_margins(
         >>> prototype_margins({"a": prob}, prob)[0, 0, 0, 0].tolist()  # features = prob: fg 1, bg 0
         [1.0, 1.0, -1.0, -1.0]
     """
-    from .protoseg import (  # here: the package imports this module while initialising
-        _check_inputs,
-        _Guide,
-        _prepare_features,
-        _prepare_guide,
-        _prototype_logits,
-        _prototypes,
-        _resize,
-    )
+    from .protoseg import _layer_logits, _resize  # here: the package imports this module while initialising
 
-    guides = {} if guides is None else guides  # the prototype weights, built once per dtype for every layer
     layers = []
-    for layer, layer_features in features.items():
-        try:
-            _check_inputs(layer_features, prob[:, :1])
-            # scaled by a power of two and translated to their mean: z does not change
-            prepared, _, _ = _prepare_features(layer_features)
-            if prepared.dtype not in guides:
-                guides[prepared.dtype] = _Guide(_prepare_guide(prob, None, None, prepared.dtype, guide)[0])
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"layer {layer!r}: {error}") from error
-        fg, bg = _prototypes(prepared, guides[prepared.dtype])  # (B, K, C) each
-        norm = (fg - bg).square().sum(-1)  # ||d||^2: (B, K)
-        norm = torch.where(norm > 0, norm, math.nan)
-        logits = _prototype_logits(prepared, fg, bg, unit_wise=False)  # 2 (f - m) . d: (B, K, *S_f)
+    for logits, fg, bg, _ in _layer_logits(features, prob, guide=guide, guides=guides).values():
+        norm = (fg - bg).square().sum(-1)  # ||d||^2 of the scaled features: (B, K)
+        norm = torch.where(norm > 0, norm, math.nan)  # logits are 2 (f - m) . d: z does not change with the scale
         layers.append(_resize(logits / norm.view(*norm.shape, *(1,) * (logits.ndim - 2)), prob.shape[2:]))
     return torch.stack(layers, 1)
 

@@ -14,17 +14,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
 from . import protoseg
-from .protoseg import (
-    _check_inputs,
-    _Guide,
-    _prepare_features,
-    _prepare_guide,
-    _prototype_logits,
-    _prototypes,
-    _rescaled_sigmoid,
-    _resize,
-    prototype_map,
-)
+from .protoseg import _layer_logits, _rescaled_sigmoid, _resize, prototype_map
 from .recorder import FeatureRecorder
 from .streaming import ShapeRecorder, WindowSource, sa_scores_from_logits, stitched_bytes, streamed_prototype_logits
 
@@ -255,21 +245,10 @@ class ProtoSegInferer(Inferer):
         features = self._recorded_features()
         if not isinstance(prob, torch.Tensor):
             raise TypeError(f"prob must be a torch.Tensor, got {type(prob).__name__}.")
-        logits, scales = {}, {}
-        guides: dict[torch.dtype, _Guide] = {}  # prob and mask are checked and weighted once per dtype
-        with torch.no_grad():
-            for layer, layer_features in features.items():
-                try:
-                    _check_inputs(layer_features, prob[:, :1], mask)
-                    prepared, _, scales[layer] = _prepare_features(layer_features)
-                    if prepared.dtype not in guides:
-                        guides[prepared.dtype] = _Guide(*_prepare_guide(prob, mask, None, prepared.dtype)[:2])
-                except (TypeError, ValueError) as error:
-                    raise type(error)(f"layer {layer!r}: {error}") from error
-                fg, bg = _prototypes(prepared, guides[prepared.dtype])
-                logits[layer] = _prototype_logits(prepared, fg, bg, unit_wise=False)
-        self.logit_scales = scales
-        return logits
+        with torch.no_grad():  # prob and mask are checked and weighted once per dtype
+            layers = _layer_logits(features, prob, mask)
+        self.logit_scales = {layer: scale for layer, (_, _, _, scale) in layers.items()}
+        return {layer: logits for layer, (logits, _, _, _) in layers.items()}
 
     def prototype_maps(
         self, prob: torch.Tensor, mask: torch.Tensor | None = None, *, unit_wise: bool = False

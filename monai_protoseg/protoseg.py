@@ -335,6 +335,47 @@ def _dice(
     return torch.where(truth > 0, dice, empty_value)
 
 
+def _layer_logits(
+    features: Mapping[str, torch.Tensor],
+    prob: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    guide: str = "soft",
+    guides: dict[torch.dtype, _Guide] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every layer's prototype logits at its own resolution, as :func:`_prototype_logits` gives them, for ``K``
+    classes at once.
+
+    Args:
+        features: ``{layer: (B, C, *S_f)}``.
+        prob: ``(B, K, *S)`` foreground probability of each class, in [0, 1].
+        mask: optional binary ``(B, 1, *S)`` mask restricting the pixels that feed the prototypes.
+        guide: ``"soft"`` or ``"binary"`` prototype weights.
+        guides: the prototype weights per features' dtype already built for ``prob``, ``mask`` and ``guide`` (by
+            :func:`_shared_guide_sa_scores`); those missing are built and added.
+
+    Returns:
+        ``{layer: (logits, fg, bg, scale)}``: ``(B, K, *S_f)`` logits of the scaled and translated features
+        (:func:`_prepare_features`), their ``(B, K, C)`` prototypes, and the ``(B,)`` scale.
+
+    Raises:
+        TypeError, ValueError: a bad argument; the message names the layer.
+    """
+    guides = {} if guides is None else guides
+    result = {}
+    for layer, layer_features in features.items():
+        try:
+            _check_inputs(layer_features, prob[:, :1], mask)
+            prepared, _, scale = _prepare_features(layer_features)
+            if prepared.dtype not in guides:
+                guides[prepared.dtype] = _Guide(*_prepare_guide(prob, mask, None, prepared.dtype, guide)[:2])
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layer {layer!r}: {error}") from error
+        fg, bg = _prototypes(prepared, guides[prepared.dtype])
+        result[layer] = _prototype_logits(prepared, fg, bg, unit_wise=False), fg, bg, scale
+    return result
+
+
 def _prototypes(features: torch.Tensor, guide: _Guide) -> tuple[torch.Tensor, torch.Tensor]:
     """Prototypes of every class of ``guide`` at the features' resolution: ``(fg, bg)``, each ``(B, K, C)``."""
     weights = guide.weights_at(features.shape[2:])  # (B, 2K, *S_f)
